@@ -4,8 +4,9 @@
 //   * float -> FP8 rounds to nearest even and saturates to the largest finite value
 //     (the `satfinite` behaviour of Hopper's cvt instructions); NaN stays NaN.
 //   * float -> BF16 rounds to nearest even; NaN stays NaN.
-// The CUDA kernels use the hardware conversions, which follow the same rules; tests
-// compare both backends against ml_dtypes, bit for bit.
+// The portable CUDA kernels call these same functions; the Hopper kernels' hardware
+// conversions (cvt.rn.satfinite) follow the same rules. Tests compare every backend
+// against ml_dtypes, bit for bit.
 #pragma once
 
 #include <cmath>
@@ -29,6 +30,12 @@ FP8_HD float max_finite(Fp8Format f) { return f == Fp8Format::kE4M3 ? 448.0f : 5
 // Per-block scales are amax / max_finite, with amax floored here so that an all-zero block
 // gets a finite, positive scale (and quantizes to zeros).
 constexpr float kAmaxFloor = 1e-12f;
+
+// The quantization scale of a block: max(amax, floor) / max_finite. The comparison is false
+// for a NaN amax, which therefore reaches the division and makes the scale NaN.
+FP8_HD float scale_from_amax(float amax, Fp8Format f) {
+  return (amax < kAmaxFloor ? kAmaxFloor : amax) / max_finite(f);
+}
 
 FP8_HD float bits_to_float(uint32_t bits) {
   float f;

@@ -16,11 +16,6 @@ float load(const void* x, ffi::DataType type, int64_t i) {
   }
 }
 
-// scale = max(amax, floor) / max_finite, keeping a NaN amax (the inf/NaN policy).
-float scale_from_amax(float amax, Fp8Format f) {
-  return (amax < kAmaxFloor ? kAmaxFloor : amax) / max_finite(f);
-}
-
 ffi::Error QuantizeTensorImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                               ffi::Result<ffi::AnyBuffer> scale) {
   QuantizeTensorOp op;
