@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _dtypes
+from .grouped import _sizes as _grouped_sizes
 from .primitives.gemm import gemm
 from .primitives.grouped import grouped_contiguous, grouped_kgrouped
 from .primitives.quantize import quantize_block, quantize_tensor
@@ -178,12 +179,8 @@ def fp8_grouped_matmul(x, group_sizes, w, recipe: Recipe | None = None):
     if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:
         raise ValueError(
             f"fp8_grouped_matmul needs x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    sizes = jnp.asarray(group_sizes)
-    if not jnp.issubdtype(sizes.dtype, jnp.integer) or sizes.shape != (w.shape[0],):
-        raise ValueError(
-            f"group_sizes must be an integer array of shape ({w.shape[0]},), got "
-            f"{sizes.dtype}{sizes.shape}")
-    return _grouped(x, sizes.astype(jnp.int32), w, recipe, w.dtype)
+    sizes = _grouped_sizes(group_sizes, "group_sizes", w.shape[0])
+    return _grouped(x, sizes, w, recipe, w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

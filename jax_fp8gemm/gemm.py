@@ -129,6 +129,6 @@ def fp8_gemm_fine_grained(a, b, scales_a, scales_b, block_size=128, out_dtype=jn
         if out != jnp.float32:
             raise ValueError("accumulator needs out_dtype=jnp.float32")
         acc = acc.reshape(m, n)
-    c = gemm(a2, b_nk, sa.reshape(m, -1), sb, acc, scale_mode=b_scaling, block_size=bs,
+    c = gemm(a2, b_nk, sa.reshape(m, sa.shape[-1]), sb, acc, scale_mode=b_scaling, block_size=bs,
              out_dtype=out)
     return c.reshape(lead + (n,))

@@ -28,6 +28,7 @@
 #include "../common/ops.h"
 #include "../handlers.h"
 #include "cuda_utils.cuh"
+#include "sm90_gemm.h"
 
 namespace fp8gemm::cuda {
 namespace {
@@ -266,6 +267,8 @@ ffi::Error GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi
                     ffi::Result<ffi::AnyBuffer> out, int64_t scale_mode, int64_t block_size) {
   Problem p;
   FP8GEMM_RETURN_IF_ERROR(DecodeGemm(a, b, sa, sb, c, out, scale_mode, block_size, &p));
+  ffi::Error status;
+  if (sm90::gemm(p, static_cast<ScaleMode>(scale_mode), stream, &status)) return status;
   const int64_t col_tiles = ceil_div(p.cols, kTileN);
   return launch_gemm(stream, DenseTiles{p, col_tiles}, ceil_div(p.rows, kTileM) * col_tiles,
                      p.a.format, p.b.format);

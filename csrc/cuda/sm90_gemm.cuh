@@ -1,0 +1,276 @@
+// Hopper (sm_90a) FP8 GEMM with fine-grained scaling: TMA loads into a multi-stage
+// shared-memory pipeline, one producer warpgroup and kMathWGs consumer warpgroups running
+// wgmma, and per-block promotion of the partial sums into float32 registers (the DeepSeek-V3
+// two-level accumulation). Persistent: one CTA per SM walks the tiles of a scheduler.
+//
+// out[m, n] = sum_kb sa(m, kb) * sb(n, kb) * (a @ b^T over K block kb); a [M, K] and b [N, K]
+// K-major FP8. sa is [M, ceil(K/bs)] (row-major, read straight from global memory by the
+// threads that own each row) or one per-tensor value; sb is [ceil(N/bs), ceil(K/bs)] or one
+// value.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include "../common/problem.h"
+#include "sm90_ptx.cuh"
+#include "sm90_wgmma.cuh"
+
+namespace fp8gemm::sm90 {
+
+constexpr int kBlockK = 128;  // K per pipeline stage: one 128-byte swizzled row per tile row
+constexpr int kWgThreads = 128;
+
+struct GemmParams {
+  int64_t m, n, k;
+  const float* sa;     // [m, sa_ld] or a single value (tensor mode)
+  const float* sb;     // [ceil(n / block), sb_ld] or a single value
+  int64_t sa_ld, sb_ld;
+  bool tensor_scales;
+  void* out;           // [m, n], row-major
+  const float* c;      // optional float32 accumulator [m, n] (may alias out)
+  bool out_f32;
+};
+
+// Tile order: groups of kSwizzleN column blocks, walked M-major inside a group, so that the
+// CTAs running at one time share a few A row blocks and a few B column blocks in L2.
+template <int BLOCK_M, int BLOCK_N>
+struct DenseScheduler {
+  static constexpr int kSwizzleN = 16;
+  int64_t m_blocks, n_blocks;
+
+  __host__ __device__ DenseScheduler(int64_t m, int64_t n)
+      : m_blocks(ceil_div(m, BLOCK_M)), n_blocks(ceil_div(n, BLOCK_N)) {}
+
+  __host__ __device__ int64_t num_tiles() const { return m_blocks * n_blocks; }
+
+  __device__ void tile(int64_t t, int64_t* m0, int64_t* n0) const {
+    const int64_t group = t / (kSwizzleN * m_blocks);
+    const int64_t first_n = group * kSwizzleN;
+    const int64_t width = min(int64_t(kSwizzleN), n_blocks - first_n);
+    const int64_t local = t - group * kSwizzleN * m_blocks;
+    *m0 = local / width * BLOCK_M;
+    *n0 = (first_n + local % width) * BLOCK_N;
+  }
+};
+
+template <int BLOCK_M, int BLOCK_N, int kStages>
+struct SharedStorage {
+  alignas(1024) uint8_t a[kStages][BLOCK_M * kBlockK];  // (BLOCK_M, 128) swizzled, per stage
+  alignas(1024) uint8_t b[kStages][BLOCK_N * kBlockK];  // (BLOCK_N, 128) swizzled, per stage
+  uint64_t full[kStages];   // TMA -> math: stage loaded
+  uint64_t empty[kStages];  // math -> TMA: stage consumed
+};
+
+template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA, Fp8Format FB>
+struct GemmConfig {
+  // Each math warpgroup owns 64 rows per wave; a 256-row tile takes two waves of the two
+  // warpgroups, so each B tile in smem feeds four 64-row wgmmas.
+  static constexpr int kMathWGs = BLOCK_M >= 128 ? 2 : 1;
+  static constexpr int kWaves = BLOCK_M / (64 * kMathWGs);
+  static constexpr int kThreads = kWgThreads * (1 + kMathWGs);
+  static constexpr int kAcc = BLOCK_N / 2;  // float accumulators per thread (m64nN)
+  // A K block of the scales spans kScaleBlock / 128 stages, or a stage holds 128 /
+  // kScaleBlock of them.
+  static constexpr int kSubs = kScaleBlock < kBlockK ? kBlockK / kScaleBlock : 1;
+  static constexpr int kStagesPerScale = kScaleBlock > kBlockK ? kScaleBlock / kBlockK : 1;
+  static constexpr int kStepsPerSub = kBlockK / 32 / kSubs;  // wgmma k32 steps per sub-block
+  static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
+  // Producer registers go to the math warpgroups (setmaxnreg); totals stay within 64K.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kMathRegs = kMathWGs == 2 ? 232 : 240;
+  static_assert(kAcc * (kWaves + 1) <= 200, "accumulators must fit in the math registers");
+  using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages>;
+
+  static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "waves of 64-row wgmmas");
+  static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N: multiple of 16 up to 256");
+  static_assert(kScaleBlock == 64 || kScaleBlock == 128 || kScaleBlock == 256,
+                "scale blocks of 64, 128 or 256");
+  static_assert(BLOCK_N <= 2 * kScaleBlock, "a tile spans at most three scale columns of b");
+  static_assert(kProducerRegs * kWgThreads + kMathRegs * kWgThreads * kMathWGs <= 65536,
+                "register file");
+};
+
+template <class Cfg, int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA,
+          Fp8Format FB>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
+                         const __grid_constant__ CUtensorMap map_b, GemmParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Storage = typename Cfg::Storage;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
+
+  const int wg = threadIdx.x / kWgThreads;
+  const int tid = threadIdx.x % kWgThreads;
+  const int64_t k_stages = ceil_div(p.k, kBlockK);
+  const DenseScheduler<BLOCK_M, BLOCK_N> sched(p.m, p.n);
+
+  if (threadIdx.x == 0) {
+    tma_prefetch_desc(&map_a);
+    tma_prefetch_desc(&map_b);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&smem.full[s], 1);
+      mbar_init(&smem.empty[s], Cfg::kMathWGs * 4);  // one arrive per math warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == Cfg::kMathWGs) {
+    // ---- Producer warpgroup: one thread streams A and B tiles through the stages. ----
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tid == 0) {
+      int64_t it = 0;
+      for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+        int64_t m0, n0;
+        sched.tile(t, &m0, &n0);
+        for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
+          const int s = it % kStages;
+          mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
+          mbar_arrive_expect_tx(&smem.full[s], Cfg::kStageBytes);
+          tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, m0);
+          tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, n0);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- Math warpgroups: wgmma on each stage, promotion at each scale block's end. ----
+  setmaxnreg_inc<Cfg::kMathRegs>();
+  const int warp = tid / 32, lane = tid % 32;
+  // Row of accumulator 0 in wave w: w * 64 * kMathWGs + row_in_wave (and + 8).
+  const int row_in_wave = wg * 64 + warp * 16 + lane / 4;
+  constexpr int kWaveRows = 64 * Cfg::kMathWGs;
+  float partial[Cfg::kAcc];
+  float acc[Cfg::kWaves][Cfg::kAcc];
+  int64_t it = 0;
+  const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
+
+  for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+    int64_t m0, n0;
+    sched.tile(t, &m0, &n0);
+#pragma unroll
+    for (int w = 0; w < Cfg::kWaves; ++w)
+#pragma unroll
+      for (int i = 0; i < Cfg::kAcc; ++i) acc[w][i] = 0.0f;
+
+    // The column blocks of b's scales that the tile spans.
+    const int64_t nb_first = n0 / kScaleBlock;
+    const int64_t nb_max = (min(n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
+    // Tile columns at and past rel_b1 (rel_b2) read the next (second next) scale block.
+    const int rel_b1 = static_cast<int>((nb_first + 1) * kScaleBlock - n0);
+    const int rel_b2 = rel_b1 + kScaleBlock;
+
+    for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
+      const int s = it % kStages;
+      mbar_wait(&smem.full[s], (it / kStages) & 1);
+#pragma unroll
+      for (int sub = 0; sub < Cfg::kSubs; ++sub) {
+        const int64_t kb = (ks * kBlockK + sub * (kBlockK / Cfg::kSubs)) / kScaleBlock;
+        const bool first = (ks % Cfg::kStagesPerScale) == 0;
+        const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 || ks == k_stages - 1;
+        const bool promote = last && kb < sa_blocks;  // a K tail can leave a sub-block empty
+        float sb0 = 0.0f, sb1 = 0.0f, sb2 = 0.0f;
+        if (promote) {
+          sb0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + kb));
+          if (!p.tensor_scales && kScaleBlock % BLOCK_N != 0) {
+            sb1 = __ldg(p.sb + min(nb_first + 1, nb_max) * p.sb_ld + kb);
+            sb2 = __ldg(p.sb + min(nb_first + 2, nb_max) * p.sb_ld + kb);
+          }
+        }
+#pragma unroll
+        for (int w = 0; w < Cfg::kWaves; ++w) {
+          // Scales of this wave's rows (clamped: rows past M are computed, never stored),
+          // loaded before the wgmma so that their latency overlaps it.
+          float sa0 = 0.0f, sa1 = 0.0f;
+          if (promote) {
+            const int64_t r0 = min(m0 + w * kWaveRows + row_in_wave, p.m - 1);
+            const int64_t r1 = min(m0 + w * kWaveRows + row_in_wave + 8, p.m - 1);
+            sa0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + kb));
+            sa1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + kb));
+          }
+          const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
+#pragma unroll
+          for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+          wgmma_fence();
+#pragma unroll
+          for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
+            const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
+            const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
+            const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
+            Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+#pragma unroll
+          for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+          if (sub == Cfg::kSubs - 1 && w == Cfg::kWaves - 1) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage's smem has been read
+          }
+          if (promote) {
+            // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile column
+            // 8 * (i / 4) + 2 * (lane % 4) + i % 2. Its b scale is the scale block of that
+            // column: known at compile time when tiles align with scale blocks, else one of
+            // the (at most three) blocks the tile spans.
+            const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
+            const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
+#pragma unroll
+            for (int i = 0; i < Cfg::kAcc; ++i) {
+              const int tile_col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+              int blk;
+              if constexpr (kScaleBlock % BLOCK_N == 0) {
+                blk = 0;  // the tile lies inside one scale block
+              } else if constexpr (BLOCK_N % kScaleBlock == 0) {
+                blk = (8 * (i / 4)) / kScaleBlock;  // aligned: blocks at fixed columns
+              } else {
+                blk = tile_col < rel_b1 ? 0 : (tile_col < rel_b2 ? 1 : 2);
+              }
+              const float scale = (i % 4) >= 2 ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
+                                               : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
+              acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+            }
+          }
+        }
+      }
+    }
+
+    // Epilogue: registers straight to global memory, two columns per store.
+#pragma unroll
+    for (int w = 0; w < Cfg::kWaves; ++w) {
+#pragma unroll
+      for (int i = 0; i < Cfg::kAcc; i += 2) {
+        const int64_t row = m0 + w * kWaveRows + row_in_wave + ((i % 4) >= 2 ? 8 : 0);
+        const int64_t col = n0 + 8 * (i / 4) + 2 * (lane % 4);
+        if (row >= p.m || col >= p.n) continue;
+        const int64_t idx = row * p.n + col;
+        const bool pair = col + 1 < p.n && (p.n % 2 == 0);
+        const float v0 = acc[w][i], v1 = acc[w][i + 1];
+        if (p.out_f32) {
+          float* out = static_cast<float*>(p.out);
+          // c may alias out: each element is read here, then written by this same thread.
+          const float o0 = p.c ? v0 + p.c[idx] : v0;
+          if (pair) {
+            *reinterpret_cast<float2*>(out + idx) = make_float2(o0, p.c ? v1 + p.c[idx + 1] : v1);
+          } else {
+            out[idx] = o0;
+            if (col + 1 < p.n) out[idx + 1] = p.c ? v1 + p.c[idx + 1] : v1;
+          }
+        } else {
+          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+          if (pair) {
+            *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
+          } else {
+            out[idx] = __float2bfloat16_rn(v0);
+            if (col + 1 < p.n) out[idx + 1] = __float2bfloat16_rn(v1);
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace fp8gemm::sm90
