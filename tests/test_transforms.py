@@ -12,7 +12,7 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import Recipe
-from helpers import TENSOR_CORE_RTOL, calc_diff, on, on_tensor_cores, randn
+from helpers import calc_diff, on, on_tensor_cores, randn
 
 FP8_TYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
@@ -33,7 +33,9 @@ def assert_identical(got, expected):
         if tensor_cores:
             assert g.dtype == e.dtype and g.shape == e.shape
             g64, e64 = g.astype(np.float64), e.astype(np.float64)
-            tol = 2.0 ** -7 if g.dtype == jnp.bfloat16 else TENSOR_CORE_RTOL
+            # Each kernel is checked against the float64 product elsewhere; here the two
+            # only have to agree to a few tensor-core roundings of the largest output.
+            tol = 2.0 ** -7 if g.dtype == jnp.bfloat16 else 2.0 ** -9
             np.testing.assert_allclose(g64, e64, rtol=0, atol=tol * max(np.abs(e64).max(), 1e-30))
             continue
         assert g.dtype == e.dtype and g.shape == e.shape, (g.dtype, g.shape, e.dtype, e.shape)

@@ -131,14 +131,19 @@ bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* sta
   params.c = p.c;
   params.out_f32 = p.out_type == OutType::kF32;
   const int sms = device_info().sms;
-  // Tile choice: a 64-row tile when M fits in it (decode-sized batches), 128 rows up to 128,
-  // else 256 rows (B tiles reused by four 64-row wgmmas: half the L2 traffic of 128 x 128).
-  if (p.rows <= 64) {
+  // Tile choice (docs/PERF.md has the measurements): 64 rows when M fits in them
+  // (decode-sized batches); 128 rows with the double-buffered mainloop up to 128; else 256
+  // rows, whose B tiles feed four 64-row wgmmas (a quarter less L2 traffic per FLOP than
+  // 128 x 128, which measured 15-30% slower on the large shapes even double-buffered).
+  // JAX_FP8GEMM_SM90_BLOCK_M (64, 128 or 256) overrides the choice, for tuning.
+  const char* force_m = std::getenv("JAX_FP8GEMM_SM90_BLOCK_M");
+  const int block_m = force_m ? std::atoi(force_m) : (p.rows <= 64 ? 64 : p.rows <= 128 ? 128 : 256);
+  if (block_m == 64) {
     *status = launch_formats<64, 128, 8>(p, params, stream, sms);
-  } else if (p.rows <= 128) {
-    *status = launch_formats<128, 128, 6>(p, params, stream, sms);
-  } else {
+  } else if (block_m == 256) {
     *status = launch_formats<256, 128, 4>(p, params, stream, sms);
+  } else {
+    *status = launch_formats<128, 128, 6>(p, params, stream, sms);
   }
   return true;
 }

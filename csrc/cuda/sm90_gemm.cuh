@@ -75,11 +75,15 @@ struct GemmConfig {
   static constexpr int kSubs = kScaleBlock < kBlockK ? kBlockK / kScaleBlock : 1;
   static constexpr int kStagesPerScale = kScaleBlock > kBlockK ? kScaleBlock / kBlockK : 1;
   static constexpr int kStepsPerSub = kBlockK / 32 / kSubs;  // wgmma k32 steps per sub-block
+  // One wave and one scale block per stage: the mainloop double-buffers the partial sums
+  // so that promotion overlaps the next stage's wgmmas.
+  static constexpr bool kPipelined = kWaves == 1 && kSubs == 1 && kStagesPerScale == 1;
   static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
   // Producer registers go to the math warpgroups (setmaxnreg); totals stay within 64K.
   static constexpr int kProducerRegs = 40;
   static constexpr int kMathRegs = kMathWGs == 2 ? 232 : 240;
-  static_assert(kAcc * (kWaves + 1) <= 200, "accumulators must fit in the math registers");
+  static_assert(kAcc * (kWaves + (kPipelined ? 2 : 1)) <= 200,
+                "accumulators must fit in the math registers");
   using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages>;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "waves of 64-row wgmmas");
@@ -143,7 +147,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // Row of accumulator 0 in wave w: w * 64 * kMathWGs + row_in_wave (and + 8).
   const int row_in_wave = wg * 64 + warp * 16 + lane / 4;
   constexpr int kWaveRows = 64 * Cfg::kMathWGs;
-  float partial[Cfg::kAcc];
+  float partial[Cfg::kPipelined ? 1 : Cfg::kAcc];
+  float partial2[Cfg::kPipelined ? 2 : 1][Cfg::kAcc];
   float acc[Cfg::kWaves][Cfg::kAcc];
   int64_t it = 0;
   const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
@@ -163,74 +168,125 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int rel_b1 = static_cast<int>((nb_first + 1) * kScaleBlock - n0);
     const int rel_b2 = rel_b1 + kScaleBlock;
 
-    for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
-      const int s = it % kStages;
-      mbar_wait(&smem.full[s], (it / kStages) & 1);
+    if constexpr (Cfg::kPipelined) {
+      // One wave, one scale block per stage: the wgmmas of stage ks + 1 run on the tensor
+      // cores while stage ks is promoted on the CUDA cores (two partial accumulators).
+      float sa0[2], sa1[2], sb[2];
+      auto issue = [&](int64_t ks, float* part, float& a0, float& a1, float& b0) {
+        const int s = (it + ks) % kStages;
+        const int64_t r0 = min(m0 + row_in_wave, p.m - 1), r1 = min(m0 + row_in_wave + 8, p.m - 1);
+        a0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + ks));
+        a1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + ks));
+        b0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + ks));
+        mbar_wait(&smem.full[s], ((it + ks) / kStages) & 1);
 #pragma unroll
-      for (int sub = 0; sub < Cfg::kSubs; ++sub) {
-        const int64_t kb = (ks * kBlockK + sub * (kBlockK / Cfg::kSubs)) / kScaleBlock;
-        const bool first = (ks % Cfg::kStagesPerScale) == 0;
-        const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 || ks == k_stages - 1;
-        const bool promote = last && kb < sa_blocks;  // a K tail can leave a sub-block empty
-        float sb0 = 0.0f, sb1 = 0.0f, sb2 = 0.0f;
-        if (promote) {
-          sb0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + kb));
-          if (!p.tensor_scales && kScaleBlock % BLOCK_N != 0) {
-            sb1 = __ldg(p.sb + min(nb_first + 1, nb_max) * p.sb_ld + kb);
-            sb2 = __ldg(p.sb + min(nb_first + 2, nb_max) * p.sb_ld + kb);
-          }
+        for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(part[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int step = 0; step < kBlockK / 32; ++step) {
+          const uint64_t da = smem_desc_kmajor_sw128(smem.a[s] + wg * 64 * kBlockK) + step * 2;
+          const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + step * 2;
+          Wgmma<BLOCK_N, FA, FB>::mma(da, db, part, step != 0);
+        }
+        wgmma_commit();
+      };
+      // Waits for stage ks's wgmmas (one later group may still run), frees its smem, and
+      // promotes its partial sums.
+      auto retire = [&](int64_t ks, float* part, float a0, float a1, float b0, bool later) {
+        if (later) {
+          wgmma_wait<1>();
+        } else {
+          wgmma_wait<0>();
         }
 #pragma unroll
-        for (int w = 0; w < Cfg::kWaves; ++w) {
-          // Scales of this wave's rows (clamped: rows past M are computed, never stored),
-          // loaded before the wgmma so that their latency overlaps it.
-          float sa0 = 0.0f, sa1 = 0.0f;
+        for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(part[i]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&smem.empty[(it + ks) % kStages]);
+        const float s0 = a0 * b0, s1 = a1 * b0;
+#pragma unroll
+        for (int i = 0; i < Cfg::kAcc; ++i) acc[0][i] = fmaf(part[i], (i % 4) >= 2 ? s1 : s0, acc[0][i]);
+      };
+      issue(0, partial2[0], sa0[0], sa1[0], sb[0]);
+      for (int64_t ks = 0; ks < k_stages; ks += 2) {
+        const bool more1 = ks + 1 < k_stages;
+        if (more1) issue(ks + 1, partial2[1], sa0[1], sa1[1], sb[1]);
+        retire(ks, partial2[0], sa0[0], sa1[0], sb[0], more1);
+        if (!more1) break;
+        const bool more2 = ks + 2 < k_stages;
+        if (more2) issue(ks + 2, partial2[0], sa0[0], sa1[0], sb[0]);
+        retire(ks + 1, partial2[1], sa0[1], sa1[1], sb[1], more2);
+      }
+      it += k_stages;
+    } else {
+      for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
+        const int s = it % kStages;
+        mbar_wait(&smem.full[s], (it / kStages) & 1);
+  #pragma unroll
+        for (int sub = 0; sub < Cfg::kSubs; ++sub) {
+          const int64_t kb = (ks * kBlockK + sub * (kBlockK / Cfg::kSubs)) / kScaleBlock;
+          const bool first = (ks % Cfg::kStagesPerScale) == 0;
+          const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 || ks == k_stages - 1;
+          const bool promote = last && kb < sa_blocks;  // a K tail can leave a sub-block empty
+          float sb0 = 0.0f, sb1 = 0.0f, sb2 = 0.0f;
           if (promote) {
-            const int64_t r0 = min(m0 + w * kWaveRows + row_in_wave, p.m - 1);
-            const int64_t r1 = min(m0 + w * kWaveRows + row_in_wave + 8, p.m - 1);
-            sa0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + kb));
-            sa1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + kb));
+            sb0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + kb));
+            if (!p.tensor_scales && kScaleBlock % BLOCK_N != 0) {
+              sb1 = __ldg(p.sb + min(nb_first + 1, nb_max) * p.sb_ld + kb);
+              sb2 = __ldg(p.sb + min(nb_first + 2, nb_max) * p.sb_ld + kb);
+            }
           }
-          const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
-#pragma unroll
-          for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-          wgmma_fence();
-#pragma unroll
-          for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
-            const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
-            const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
-            const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
-            Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
-          }
-          wgmma_commit();
-          wgmma_wait<0>();
-#pragma unroll
-          for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-          if (sub == Cfg::kSubs - 1 && w == Cfg::kWaves - 1) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage's smem has been read
-          }
-          if (promote) {
-            // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile column
-            // 8 * (i / 4) + 2 * (lane % 4) + i % 2. Its b scale is the scale block of that
-            // column: known at compile time when tiles align with scale blocks, else one of
-            // the (at most three) blocks the tile spans.
-            const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
-            const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
-#pragma unroll
-            for (int i = 0; i < Cfg::kAcc; ++i) {
-              const int tile_col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
-              int blk;
-              if constexpr (kScaleBlock % BLOCK_N == 0) {
-                blk = 0;  // the tile lies inside one scale block
-              } else if constexpr (BLOCK_N % kScaleBlock == 0) {
-                blk = (8 * (i / 4)) / kScaleBlock;  // aligned: blocks at fixed columns
-              } else {
-                blk = tile_col < rel_b1 ? 0 : (tile_col < rel_b2 ? 1 : 2);
+  #pragma unroll
+          for (int w = 0; w < Cfg::kWaves; ++w) {
+            // Scales of this wave's rows (clamped: rows past M are computed, never stored),
+            // loaded before the wgmma so that their latency overlaps it.
+            float sa0 = 0.0f, sa1 = 0.0f;
+            if (promote) {
+              const int64_t r0 = min(m0 + w * kWaveRows + row_in_wave, p.m - 1);
+              const int64_t r1 = min(m0 + w * kWaveRows + row_in_wave + 8, p.m - 1);
+              sa0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + kb));
+              sa1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + kb));
+            }
+            const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
+  #pragma unroll
+            for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+            wgmma_fence();
+  #pragma unroll
+            for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
+              const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
+              const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
+              const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
+              Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+  #pragma unroll
+            for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+            if (sub == Cfg::kSubs - 1 && w == Cfg::kWaves - 1) {
+              __syncwarp();
+              if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage's smem has been read
+            }
+            if (promote) {
+              // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile column
+              // 8 * (i / 4) + 2 * (lane % 4) + i % 2. Its b scale is the scale block of that
+              // column: known at compile time when tiles align with scale blocks, else one of
+              // the (at most three) blocks the tile spans.
+              const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
+              const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
+  #pragma unroll
+              for (int i = 0; i < Cfg::kAcc; ++i) {
+                const int tile_col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
+                int blk;
+                if constexpr (kScaleBlock % BLOCK_N == 0) {
+                  blk = 0;  // the tile lies inside one scale block
+                } else if constexpr (BLOCK_N % kScaleBlock == 0) {
+                  blk = (8 * (i / 4)) / kScaleBlock;  // aligned: blocks at fixed columns
+                } else {
+                  blk = tile_col < rel_b1 ? 0 : (tile_col < rel_b2 ? 1 : 2);
+                }
+                const float scale = (i % 4) >= 2 ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
+                                                 : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
+                acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
               }
-              const float scale = (i % 4) >= 2 ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
-                                               : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
-              acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
             }
           }
         }
