@@ -38,8 +38,9 @@ def cuda_built() -> bool:
 
 
 def has_fp8_support(device=None) -> bool:
-    """True only where the FP8 CUDA kernels run: a CUDA build and a compute capability 9.0
-    (Hopper) GPU. `device` defaults to jax.devices()[0]; False on CPU."""
+    """True where the Hopper FP8 tensor-core kernels run: a CUDA build and a compute
+    capability 9.0 GPU. `device` defaults to jax.devices()[0]. False on the CPU, and on
+    Ampere and Ada GPUs, where every op still runs (on the portable kernels)."""
     import jax
 
     if not _CUDA_BUILT:

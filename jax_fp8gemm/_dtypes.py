@@ -52,3 +52,40 @@ def block_size(value, name: str = "block_size") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in BLOCK_SIZES:
         raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {value!r}")
     return int(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks of the public API: each returns the argument as an array or raises with
+# its name, what it got and what was expected.
+
+def fp8_array(x, name: str):
+    x = jnp.asarray(x)
+    if x.dtype not in FP8_DTYPES:
+        raise TypeError(
+            f"{name} must be float8_e4m3fn or float8_e5m2 (quantize it first, e.g. with "
+            f"quantize_fp8), got {x.dtype}")
+    return x
+
+
+def f32_array(x, name: str):
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype}")
+    return x
+
+
+def float_array(x, name: str):
+    x = jnp.asarray(x)
+    if x.dtype not in FLOAT_INPUTS:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    return x
+
+
+def group_sizes(sizes, name: str, groups: int):
+    """An integer vector with one entry per group, as int32 (the kernels' type)."""
+    sizes = jnp.asarray(sizes)
+    if not jnp.issubdtype(sizes.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got {sizes.dtype}")
+    if sizes.shape != (groups,):
+        raise ValueError(f"{name} has shape {sizes.shape}, expected ({groups},) (one per group)")
+    return sizes.astype(jnp.int32)

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from . import _dtypes
-from .grouped import _sizes as _grouped_sizes
 from .primitives.gemm import gemm
 from .primitives.grouped import grouped_contiguous, grouped_kgrouped
 from .primitives.quantize import quantize_block, quantize_tensor
@@ -85,11 +84,6 @@ def _tensor(x, dtype):
     return q.reshape(x.shape), s
 
 
-def _check_float(name, v):
-    if v.dtype not in _dtypes.FLOAT_INPUTS:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {v.dtype}")
-
-
 # ---------------------------------------------------------------------------------------
 # Dense.
 
@@ -100,9 +94,7 @@ def fp8_matmul(x, w, recipe: Recipe | None = None):
     dtype, dw in w's dtype, computed by FP8 GEMMs (see the module docstring).
     """
     recipe = DEFAULT_RECIPE if recipe is None else recipe
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    _check_float("x", x)
-    _check_float("w", w)
+    x, w = _dtypes.float_array(x, "x"), _dtypes.float_array(w, "w")
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"fp8_matmul needs x [..., K] and w [K, N], got {x.shape} and {w.shape}")
     lead = x.shape[:-1]
@@ -173,13 +165,11 @@ def fp8_grouped_matmul(x, group_sizes, w, recipe: Recipe | None = None):
     [M_total, N] in x's dtype.
     """
     recipe = DEFAULT_RECIPE if recipe is None else recipe
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    _check_float("x", x)
-    _check_float("w", w)
+    x, w = _dtypes.float_array(x, "x"), _dtypes.float_array(w, "w")
     if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1]:
         raise ValueError(
             f"fp8_grouped_matmul needs x [M, K] and w [G, K, N], got {x.shape} and {w.shape}")
-    sizes = _grouped_sizes(group_sizes, "group_sizes", w.shape[0])
+    sizes = _dtypes.group_sizes(group_sizes, "group_sizes", w.shape[0])
     return _grouped(x, sizes, w, recipe, w.dtype)
 
 

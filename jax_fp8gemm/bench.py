@@ -11,12 +11,12 @@
              1x128 scales on both operands (the weight-gradient recipe), float32 out
   XLA-BF16   lax.dot_general of bf16 a [M, K] and b [N, K] contracted on K, bf16 out (what
              jnp.dot does; XLA picks cuBLAS or its Triton GEMM)
-  XLA-FP8    lax.dot_general on the same float8_e4m3fn operands as ours-pt, NT layout, in the
-             pattern XLA rewrites into a scaled cuBLASLt FP8 GEMM: each operand dequantized
-             as convert(fp8 -> bf16) * per-tensor scale (Flax's FP8 recipe), bf16 out. This
-             computes what ours-pt computes, scales included. The same dot WITHOUT the
-             scales (`xla_fp8_raw` in the JSON: f8 x f8 -> bf16 with nothing around it) is
-             timed too and printed in the XLA FP8 detail lines; the compiled program's GEMM
+  XLA-FP8    lax.dot_general on the same float8_e4m3fn operands as ours-pt, NT layout,
+             f8 x f8 -> bf16 (`xla_fp8_raw` in the JSON): XLA's FP8 dot, one cuBLASLt FP8
+             GEMM. It leaves the scales out, so it does slightly less than ours-pt. The
+             dequantize-then-dot pattern (convert(fp8 -> bf16) * per-tensor scale on each
+             operand, Flax's FP8 recipe; `xla_fp8` in the JSON) computes exactly what ours-pt
+             computes and is printed in the XLA FP8 detail lines; the compiled programs' GEMM
              custom calls (e.g. __cublas$lt$matmul$f8) are recorded for both.
   DeepGEMM   deep_gemm.fp8_gemm_nt on exactly ours-fg's quantized operands, when
              `import deep_gemm` works (never a dependency; see below).
@@ -668,8 +668,8 @@ def _table(rows, dg_on):
         lines.append([str(r["m"]), str(r["n"]), str(r["k"]),
                       _fmt_rate(t.get("ours_fg")), _fmt_rate(dg),
                       _fmt_ratio(_ratio(t.get("ours_fg"), dg)),
-                      _fmt_rate(t.get("ours_pt")), _fmt_rate(t.get("xla_fp8")),
-                      _fmt_ratio(_ratio(t.get("ours_pt"), t.get("xla_fp8"))),
+                      _fmt_rate(t.get("ours_pt")), _fmt_rate(t.get("xla_fp8_raw")),
+                      _fmt_ratio(_ratio(t.get("ours_pt"), t.get("xla_fp8_raw"))),
                       _fmt_rate(t.get("ours_1d1d")), _fmt_rate(t.get("xla_bf16")),
                       _fmt_ratio(_ratio(t.get("ours_fg"), t.get("xla_bf16"))),
                       _fmt_diff(r["calc_diff"].get("ours_fg"))])
@@ -716,12 +716,14 @@ def _summary(rows, dg_on):
             lines.append(f"ours-fg / DeepGEMM {what}: n/a (not measured on the DeepSeek "
                          f"shapes)")
     for s in ((4096,) * 3, (8192,) * 3):
-        x = _ratio(tf(s, "ours_pt"), tf(s, "xla_fp8"))
+        # The target compares with XLA's FP8 dot itself (lax.dot_general on float8
+        # operands: one cuBLASLt FP8 call); the dequantize-then-dot pattern is slower.
         raw = _ratio(tf(s, "ours_pt"), tf(s, "xla_fp8_raw"))
-        summ[f"ours_pt_over_xla_fp8_{s[0]}"] = x
+        scaled = _ratio(tf(s, "ours_pt"), tf(s, "xla_fp8"))
         summ[f"ours_pt_over_xla_fp8_raw_{s[0]}"] = raw
-        lines.append(f"ours-pt / XLA-FP8 at {s[0]}^3: {_fmt_ratio(x)} "
-                     f"(vs the unscaled XLA FP8 dot: {_fmt_ratio(raw)})")
+        summ[f"ours_pt_over_xla_fp8_{s[0]}"] = scaled
+        lines.append(f"ours-pt / XLA FP8 dot at {s[0]}^3: {_fmt_ratio(raw)} "
+                     f"(vs the dequantize-then-dot pattern: {_fmt_ratio(scaled)})")
     x = _ratio(tf((4096,) * 3, "ours_fg"), tf((4096,) * 3, "xla_bf16"))
     summ["ours_fg_over_xla_bf16_4096"] = x
     lines.append(f"ours-fg / XLA-BF16 at 4096^3: {_fmt_ratio(x)}")

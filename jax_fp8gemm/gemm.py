@@ -25,28 +25,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _fp8_operand(x, name):
-    x = jnp.asarray(x)
-    if x.dtype not in _dtypes.FP8_DTYPES:
-        raise TypeError(
-            f"{name} must be float8_e4m3fn or float8_e5m2 (quantize it first, e.g. with "
-            f"quantize_fp8), got {x.dtype}")
-    return x
-
-
-def _f32(x, name):
-    x = jnp.asarray(x)
-    if x.dtype != jnp.float32:
-        raise TypeError(f"{name} must be float32, got {x.dtype}")
-    return x
-
-
 def _operands(a, b, b_layout):
     """Validated (a2d [M, K], b_nk [N, K], leading shape of a, M, N, K)."""
     if b_layout not in B_LAYOUTS:
         raise ValueError(f"b_layout must be 'kn' ([K, N]) or 'nk' ([N, K]), got {b_layout!r}")
-    a = _fp8_operand(a, "a")
-    b = _fp8_operand(b, "b")
+    a = _dtypes.fp8_array(a, "a")
+    b = _dtypes.fp8_array(b, "b")
     if a.ndim < 1:
         raise ValueError(f"a must have shape [..., M, K], got {a.shape}")
     if b.ndim != 2:
@@ -76,7 +60,7 @@ def fp8_gemm(a, b, scale_a, scale_b, out_dtype=jnp.bfloat16, *, b_layout="kn"):
     a2, b_nk, lead, m, n, k = _operands(a, b, b_layout)
     scales = []
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
-        s = _f32(s, name)
+        s = _dtypes.f32_array(s, name)
         if s.size != 1:
             raise ValueError(
                 f"{name} must be a per-tensor scalar, got shape {s.shape} (use "
@@ -106,12 +90,12 @@ def fp8_gemm_fine_grained(a, b, scales_a, scales_b, block_size=128, out_dtype=jn
     if b_scaling not in ("block", "row"):
         raise ValueError(f"b_scaling must be 'block' (bs x bs) or 'row' (1 x bs), got {b_scaling!r}")
     a2, b_nk, lead, m, n, k = _operands(a, b, b_layout)
-    sa = _f32(scales_a, "scales_a")
+    sa = _dtypes.f32_array(scales_a, "scales_a")
     want_sa = lead + (_cdiv(k, bs),)
     if sa.shape != want_sa:
         raise ValueError(
             f"scales_a has shape {sa.shape}, expected {want_sa} (1 x {bs} blocks of a along K)")
-    sb = _f32(scales_b, "scales_b")
+    sb = _dtypes.f32_array(scales_b, "scales_b")
     nb = _cdiv(n, bs) if b_scaling == "block" else n
     want_sb = (_cdiv(k, bs), nb) if b_layout == "kn" else (nb, _cdiv(k, bs))
     if sb.shape != want_sb:
@@ -123,7 +107,7 @@ def fp8_gemm_fine_grained(a, b, scales_a, scales_b, block_size=128, out_dtype=jn
         sb = sb.T
     acc = None
     if accumulator is not None:
-        acc = _f32(accumulator, "accumulator")
+        acc = _dtypes.f32_array(accumulator, "accumulator")
         if acc.shape != lead + (n,):
             raise ValueError(f"accumulator has shape {acc.shape}, expected {lead + (n,)}")
         if out != jnp.float32:

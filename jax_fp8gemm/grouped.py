@@ -28,34 +28,11 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _fp8(x, name):
-    x = jnp.asarray(x)
-    if x.dtype not in _dtypes.FP8_DTYPES:
-        raise TypeError(f"{name} must be float8_e4m3fn or float8_e5m2, got {x.dtype}")
-    return x
-
-
-def _f32(x, name):
-    x = jnp.asarray(x)
-    if x.dtype != jnp.float32:
-        raise TypeError(f"{name} must be float32, got {x.dtype}")
-    return x
-
-
-def _sizes(sizes, name, groups):
-    sizes = jnp.asarray(sizes)
-    if not jnp.issubdtype(sizes.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got {sizes.dtype}")
-    if sizes.shape != (groups,):
-        raise ValueError(f"{name} has shape {sizes.shape}, expected ({groups},) (one per group)")
-    return sizes.astype(jnp.int32)
-
-
 def _weights(w, scale_w, w_layout, k, block_size):
     """Validated (w_nk [G, N, K], scale_w in the kernel layout, scale_mode, N)."""
     if w_layout not in W_LAYOUTS:
         raise ValueError(f"w_layout must be 'kn' ([G, K, N]) or 'nk' ([G, N, K]), got {w_layout!r}")
-    w = _fp8(w, "w")
+    w = _dtypes.fp8_array(w, "w")
     if w.ndim != 3:
         raise ValueError(f"w must have rank 3 ([G, K, N] or [G, N, K]), got shape {w.shape}")
     g = w.shape[0]
@@ -64,7 +41,7 @@ def _weights(w, scale_w, w_layout, k, block_size):
         want = f"({g}, {k}, N)" if w_layout == "kn" else f"({g}, N, {k})"
         raise ValueError(f"w has shape {w.shape}, expected {want}: K must match x's last axis")
     w_nk = jnp.swapaxes(w, 1, 2) if w_layout == "kn" else w
-    sw = _f32(scale_w, "scale_w")
+    sw = _dtypes.f32_array(scale_w, "scale_w")
     if sw.ndim == 3:
         bs = _dtypes.block_size(block_size)
         want = ((g, _cdiv(k, bs), _cdiv(n, bs)) if w_layout == "kn" else (g, _cdiv(n, bs), _cdiv(k, bs)))
@@ -81,7 +58,7 @@ def _weights(w, scale_w, w_layout, k, block_size):
 
 
 def _x_scales(scale_x, mode, rows_shape, k, groups, block_size):
-    sx = _f32(scale_x, "scale_x")
+    sx = _dtypes.f32_array(scale_x, "scale_x")
     if mode == "block":
         want = rows_shape + (_cdiv(k, block_size),)
         if sx.shape != want:
@@ -113,13 +90,13 @@ def grouped_gemm(x, w, scale_x, scale_w, group_sizes=None, *, out_dtype=jnp.bflo
         return _grouped_gemm_list(x, w, scale_x, scale_w, group_sizes, out, block_size, w_layout)
     if group_sizes is None:
         raise ValueError("group_sizes is required when x is an array (the rows of each group)")
-    x = _fp8(x, "x")
+    x = _dtypes.fp8_array(x, "x")
     if x.ndim != 2:
         raise ValueError(f"x must have shape [M_total, K], got {x.shape}")
     m, k = x.shape
     w_nk, sw, mode, n = _weights(w, scale_w, w_layout, k, block_size)
     g = w_nk.shape[0]
-    sizes = _sizes(group_sizes, "group_sizes", g)
+    sizes = _dtypes.group_sizes(group_sizes, "group_sizes", g)
     sx = _x_scales(scale_x, mode, (m,), k, g, block_size)
     y = grouped_contiguous(x[None], sizes[None], w_nk[None], sx[None], sw[None],
                            scale_mode=mode, block_size=block_size, out_dtype=out)
@@ -133,16 +110,16 @@ def _grouped_gemm_list(xs, ws, sxs, sws, group_sizes, out, block_size, w_layout)
         raise ValueError(
             f"the list form needs one x, w, scale_x and scale_w per expert, got "
             f"{len(xs)}, {len(ws)}, {len(sxs)} and {len(sws)}")
-    xs = [_fp8(x, f"x[{i}]") for i, x in enumerate(xs)]
+    xs = [_dtypes.fp8_array(x, f"x[{i}]") for i, x in enumerate(xs)]
     for i, x in enumerate(xs):
         if x.ndim != 2 or x.shape[1] != xs[0].shape[1]:
             raise ValueError(f"x[{i}] has shape {x.shape}, expected (m_{i}, {xs[0].shape[1]})")
     sizes = [x.shape[0] for x in xs]
-    sws = [_f32(s, f"scale_w[{i}]") for i, s in enumerate(sws)]
+    sws = [_dtypes.f32_array(s, f"scale_w[{i}]") for i, s in enumerate(sws)]
     block = sws[0].ndim == 2
-    w = jnp.stack([_fp8(w, f"w[{i}]") for i, w in enumerate(ws)])
+    w = jnp.stack([_dtypes.fp8_array(w, f"w[{i}]") for i, w in enumerate(ws)])
     sw = jnp.stack([s if block else s.reshape(()) for s in sws])
-    sxs = [_f32(s, f"scale_x[{i}]") for i, s in enumerate(sxs)]
+    sxs = [_dtypes.f32_array(s, f"scale_x[{i}]") for i, s in enumerate(sxs)]
     sx = (jnp.concatenate(sxs) if block else jnp.stack([s.reshape(()) for s in sxs]))
     y = grouped_gemm(jnp.concatenate(xs), w, sx, sw, jnp.asarray(sizes, jnp.int32),
                      out_dtype=out, block_size=block_size, w_layout=w_layout)
@@ -159,14 +136,14 @@ def grouped_gemm_masked(x, masked_m, w, scale_x, scale_w, *, out_dtype=jnp.bfloa
     [G, M_max, ceil(K/bs)]. Returns [G, M_max, N].
     """
     out = _dtypes.out_dtype(out_dtype)
-    x = _fp8(x, "x")
+    x = _dtypes.fp8_array(x, "x")
     if x.ndim != 3:
         raise ValueError(f"x must have shape [G, M_max, K], got {x.shape}")
     g, m, k = x.shape
     w_nk, sw, mode, n = _weights(w, scale_w, w_layout, k, block_size)
     if w_nk.shape[0] != g:
         raise ValueError(f"w has {w_nk.shape[0]} groups, but x has {g}")
-    sizes = _sizes(masked_m, "masked_m", g)
+    sizes = _dtypes.group_sizes(masked_m, "masked_m", g)
     sx = _x_scales(scale_x, mode, (g, m), k, g, block_size)
     y = grouped_masked(x[None], sizes[None], w_nk[None], sx[None], sw[None],
                        scale_mode=mode, block_size=block_size, out_dtype=out)
@@ -195,11 +172,8 @@ def grouped_gemm_moe(x, group_sizes, w1, w2, use_fp8=True, activation="swiglu", 
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    x = jnp.asarray(x)
-    w1, w2 = jnp.asarray(w1), jnp.asarray(w2)
-    for name, v in (("x", x), ("w1", w1), ("w2", w2)):
-        if v.dtype not in _dtypes.FLOAT_INPUTS:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {v.dtype}")
+    x = _dtypes.float_array(x, "x")
+    w1, w2 = _dtypes.float_array(w1, "w1"), _dtypes.float_array(w2, "w2")
     if x.ndim != 2 or w1.ndim != 3 or w2.ndim != 3:
         raise ValueError(
             f"expected x [M, H], w1 [G, H, F1], w2 [G, F, H]; got {x.shape}, {w1.shape}, {w2.shape}")
@@ -210,7 +184,7 @@ def grouped_gemm_moe(x, group_sizes, w1, w2, use_fp8=True, activation="swiglu", 
             f"inconsistent shapes x {x.shape}, w1 {w1.shape}, w2 {w2.shape}: expected "
             f"w1 [G, {h}, {'2F' if gated else 'F'}] and w2 [G, F, {h}]")
     out_dtype = x.dtype if out_dtype is None else _dtypes.out_dtype(out_dtype)
-    sizes = _sizes(group_sizes, "group_sizes", g)
+    sizes = _dtypes.group_sizes(group_sizes, "group_sizes", g)
     act = ACTIVATIONS[activation]
     if not use_fp8:
         bf = jnp.bfloat16

@@ -19,20 +19,13 @@ from .primitives.quantize import quantize_block, quantize_tensor
 __all__ = ["quantize_fp8", "quantize_fp8_fine_grained", "compute_scales", "dequantize"]
 
 
-def _float_input(x, name="x"):
-    x = jnp.asarray(x)
-    if x.dtype not in _dtypes.FLOAT_INPUTS:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    return x
-
-
 def quantize_fp8(x, dtype="e4m3"):
     """Per-tensor quantization: returns (x_fp8, scale), scale a float32 scalar.
 
     >>> a_fp8, scale_a = quantize_fp8(a, dtype="e4m3")
     """
     fp8 = _dtypes.fp8_dtype(dtype)
-    x = _float_input(x)
+    x = _dtypes.float_array(x, "x")
     q, scale = quantize_tensor(x.reshape(1, x.size), fp8)
     return q.reshape(x.shape), scale[0]
 
@@ -66,7 +59,7 @@ def quantize_fp8_fine_grained(x, block_size=128, dtype="e4m3", *, block_shape=No
     """
     rows_b, cols_b = _block_shape(block_size, block_shape)
     fp8 = _dtypes.fp8_dtype(dtype)
-    x = _float_input(x)
+    x = _dtypes.float_array(x, "x")
     min_rank = 1 if rows_b == 1 and not transpose else 2
     if x.ndim < min_rank:
         raise ValueError(f"x must have at least {min_rank} dimension(s), got shape {x.shape}")
@@ -93,12 +86,8 @@ def dequantize(x_fp8, scales, block_size=128):
     per-tensor; scales [..., R, ceil(C/bs)] are 1 x bs blocks and [..., ceil(R/bs),
     ceil(C/bs)] are bs x bs blocks of x_fp8 [..., R, C].
     """
-    x_fp8 = jnp.asarray(x_fp8)
-    scales = jnp.asarray(scales)
-    if x_fp8.dtype not in _dtypes.FP8_DTYPES:
-        raise TypeError(f"x_fp8 must be float8_e4m3fn or float8_e5m2, got {x_fp8.dtype}")
-    if scales.dtype != jnp.float32:
-        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    x_fp8 = _dtypes.fp8_array(x_fp8, "x_fp8")
+    scales = _dtypes.f32_array(scales, "scales")
     x = x_fp8.astype(jnp.float32)
     if scales.size == 1 and scales.ndim <= 1:
         return x * scales.reshape(())
