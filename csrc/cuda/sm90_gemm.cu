@@ -3,8 +3,10 @@
 
 #include <cudaTypedefs.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cuda_utils.cuh"
 #include "sm90_gemm.cuh"
@@ -12,26 +14,33 @@
 namespace fp8gemm::sm90 {
 namespace {
 
+constexpr int kMaxDevices = 64;
+
 struct DeviceInfo {
   int sms = 0;
   bool hopper = false;
 };
 
+// Every device's properties, read once (thread-safe static initialization).
 DeviceInfo device_info() {
-  static DeviceInfo cache[64];
-  static bool known[64] = {};
+  static const std::vector<DeviceInfo> info = [] {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+    std::vector<DeviceInfo> all(count);
+    for (int d = 0; d < count; ++d) {
+      int major = 0, minor = 0;
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d);
+      cudaDeviceGetAttribute(&all[d].sms, cudaDevAttrMultiProcessorCount, d);
+      all[d].hopper = major == 9 && minor == 0;
+    }
+    return all;
+  }();
   int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return {};
-  if (!known[dev]) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cudaDeviceGetAttribute(&cache[dev].sms, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev].hopper = major == 9 && minor == 0;
-    known[dev] = true;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= static_cast<int>(info.size())) {
+    return {};
   }
-  return cache[dev];
+  return info[dev];
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -67,9 +76,16 @@ ffi::Error launch(const Problem& pr, const GemmParams& params, cudaStream_t stre
   using Cfg = GemmConfig<BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
   auto kernel = sm90_fp8_gemm_kernel<Cfg, BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
   constexpr int kSmem = sizeof(typename Cfg::Storage);
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  FP8GEMM_RETURN_IF_ERROR(cuda::cuda_status(attr, "sm90_fp8_gemm_kernel smem"));
+  // The shared-memory limit is a per-device attribute of the kernel: set it once per device.
+  static std::atomic<bool> configured[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices || !configured[dev].load()) {
+    FP8GEMM_RETURN_IF_ERROR(cuda::cuda_status(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+        "sm90_fp8_gemm_kernel smem"));
+    if (dev >= 0 && dev < kMaxDevices) configured[dev].store(true);
+  }
   CUtensorMap map_a, map_b;
   if (!make_map(&map_a, pr.a.data, params.m, params.k, BLOCK_M) ||
       !make_map(&map_b, pr.b.data, params.n, params.k, BLOCK_N)) {
