@@ -27,12 +27,18 @@ def nbytes(tree):
     return sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
 
 
-def test_package_imports_without_flax_module():
+def test_package_imports_without_flax_module(tmp_path):
     """`import jax_fp8gemm` must not pull in flax (the layers are opt-in)."""
+    import os
     import subprocess
     import sys
+
+    import jax_fp8gemm
+    # Import the package this test process uses (installed or the dev tree), from a
+    # directory that is not the checkout (whose sources have no compiled extension).
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(jax_fp8gemm.__file__)))
     code = "import sys, jax_fp8gemm; assert 'flax' not in sys.modules, 'flax imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
 
 
 # ---------------------------------------------------------------------------------------
