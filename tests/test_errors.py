@@ -3,6 +3,8 @@ was expected. Calls go through jax.eval_shape on abstract arrays, so nothing run
 error must come from the Python checks or the primitives' abstract evaluation. The last
 section bypasses both and checks the C++ validation of each FFI handler."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -509,3 +511,101 @@ def test_ffi_quantize_validation(device):
         jax.block_until_ready(jax.jit(lambda: call(64, 128, (1, 2, 3)))())
     with pytest.raises(Exception, match=r"jax_fp8gemm: scales has shape \[1, 100, 2\], expected \[1, 100, 3\]"):
         jax.block_until_ready(jax.jit(lambda: call(1, 128, (1, 100, 2)))())
+
+
+# ---------------------------------------------------------------------------------------
+# The remaining rows of docs/ERRORS.md, one test each.
+
+XM, SXM = spec((G, 16, 256), E4M3), spec((G, 16, 2))  # masked x [G, M_max, K] and its scales
+
+
+def test_masked_and_moe_out_dtype():
+    fails(ValueError, r"out_dtype must be jnp.bfloat16 or jnp.float32",
+          functools.partial(fg.grouped_gemm_masked, out_dtype=jnp.float16),
+          XM, SIZES, W_KN, SXM, SW_BLOCK_KN)
+    fails(ValueError, r"out_dtype must be jnp.bfloat16 or jnp.float32",
+          functools.partial(fg.grouped_gemm_moe, out_dtype=jnp.float16),
+          spec((50, 256)), SIZES, spec((G, 256, 128)), spec((G, 64, 256)))
+
+
+def test_grouped_and_dequantize_block_size():
+    fails(ValueError, r"block_size must be one of \(64, 128, 256\)",
+          functools.partial(fg.grouped_gemm, block_size=100), X, W_KN, SX_ROWS, SW_BLOCK_KN, SIZES)
+    fails(ValueError, r"block_size must be one of \(64, 128, 256\)",
+          functools.partial(fg.grouped_gemm_masked, block_size=100), XM, SIZES, W_KN, SXM,
+          SW_BLOCK_KN)
+    fails(ValueError, r"block_size must be one of \(64, 128, 256\)",
+          functools.partial(fg.dequantize, block_size=100), A, SA_ROWS)
+
+
+def test_list_form_and_masked_operand_dtypes():
+    x = [spec((5, 256), E4M3), spec((7, 256), F32)]
+    w = [spec((256, 200), E4M3)] * 2
+    s = [SCALAR] * 2
+    fails(TypeError, r"x\[1\] must be float8_e4m3fn or float8_e5m2", fg.grouped_gemm, x, w, s, s)
+    fails(TypeError, r"w\[1\] must be float8_e4m3fn or float8_e5m2", fg.grouped_gemm,
+          x[:1] * 2, [w[0], spec((256, 200), BF16)], s, s)
+    fails(TypeError, r"x must be float8_e4m3fn or float8_e5m2", fg.grouped_gemm_masked,
+          spec((G, 16, 256)), SIZES, W_KN, SXM, SW_BLOCK_KN)
+    fails(TypeError, r"w must be float8_e4m3fn or float8_e5m2", fg.grouped_gemm_masked,
+          XM, SIZES, spec((G, 256, 200), BF16), SXM, SW_BLOCK_KN)
+
+
+def test_scale_dtypes():
+    fails(TypeError, r"scale_a must be float32, got bfloat16", fg.fp8_gemm, A, B_KN,
+          spec((), BF16), SCALAR)
+    fails(TypeError, r"scales_b must be float32, got bfloat16", fg.fp8_gemm_fine_grained,
+          A, B_KN, SA_ROWS, spec((2, 2), BF16))
+    fails(TypeError, r"scale_x must be float32, got bfloat16", fg.grouped_gemm, X, W_KN,
+          spec((50, 2), BF16), SW_BLOCK_KN, SIZES)
+    fails(TypeError, r"scale_w must be float32, got bfloat16", fg.grouped_gemm, X, W_KN,
+          SX_ROWS, spec((G, 2, 2), BF16), SIZES)
+    fails(TypeError, r"scale_x must be float32, got bfloat16", fg.grouped_gemm_masked, XM,
+          SIZES, W_KN, spec((G, 16, 2), BF16), SW_BLOCK_KN)
+
+
+def test_moe_shapes():
+    x, w1, w2 = spec((50, 256)), spec((G, 256, 128)), spec((G, 64, 256))
+    fails(ValueError, r"group_sizes has shape \(4,\), expected \(3,\)", fg.grouped_gemm_moe,
+          x, spec((4,), I32), w1, w2)
+    fails(ValueError, r"expected x \[M, H\], w1 \[G, H, F1\], w2 \[G, F, H\]",
+          fg.grouped_gemm_moe, spec((50,)), SIZES, w1, w2)
+
+
+def test_scalar_a_and_empty_list_form():
+    fails(ValueError, r"a must have shape \[\.\.\., M, K\], got \(\)", fg.fp8_gemm,
+          spec((), E4M3), B_KN, SCALAR, SCALAR)
+    fails(ValueError, r"the list form needs one x, w, scale_x and scale_w per expert, got 0, 0, "
+          r"0 and 0", fg.grouped_gemm, [], [], [], [])
+
+
+def test_flax_checks():
+    pytest.importorskip("flax")
+    from jax_fp8gemm import flax as fp8_flax
+    with pytest.raises(ValueError, match=r"kernel must have shape \[in, features\]"):
+        fp8_flax.quantize_kernel(jnp.ones((4, 4, 4)))
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=4\], got 5"):
+        fp8_flax.moe_forward(jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((4, 16, 32)),
+                             jnp.ones((4, 16, 16)), top_k=5)
+    with pytest.raises(ValueError, match=r"inconsistent MoE shapes"):
+        fp8_flax.moe_forward(jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((4, 16, 32)),
+                             jnp.ones((4, 8, 16)), top_k=2)
+
+
+def test_flax_quantized_kernel_checked():
+    pytest.importorskip("flax")
+    from jax_fp8gemm.flax import FP8Dense
+    # (flax itself rejects a stored kernel of the wrong shape; the dtype is ours to check)
+    params = {"params": {"kernel_fp8_nk": jnp.ones((16, 64)), "kernel_scale": jnp.ones((1, 1)),
+                         "bias": jnp.zeros((16,))}}
+    with pytest.raises(ValueError, match=r"kernel_fp8_nk must be FP8 \[features, in\] = \(16, 64\)"):
+        FP8Dense(16, quantized=True).apply(params, jnp.ones((2, 64)))
+
+
+def test_grouped_primitive_rejects_row_scales():
+    from jax_fp8gemm.primitives import grouped as grouped_prim
+    bind = functools.partial(grouped_prim.grouped_contiguous, scale_mode="row", block_size=128,
+                             out_dtype=jnp.bfloat16)
+    fails(ValueError, r"grouped GEMMs take 'tensor' or 'block' scales, got 'row'", bind,
+          spec((1, 50, 256), E4M3), spec((1, G), I32), spec((1, G, 200, 256), E4M3),
+          spec((1, 50, 2)), spec((1, G, 2, 2)))
