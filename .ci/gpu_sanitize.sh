@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# compute-sanitizer over this library's CUDA kernels on a sweep of shapes (GPU machine only).
+#
+# Usage on the H200, from the repository root, with the cp312 wheel in .whl/ (see
+# .ci/gpu_tests.sh):  bash .ci/gpu_sanitize.sh [memcheck|racecheck|synccheck ...]
+# Only kernels whose names start with portable_ or sm90_ are instrumented (XLA's own
+# kernels are left alone, which keeps the run short). Logs go to $OUT (or /tmp/out).
+# Written without device time left: its first run (and its option spelling against this
+# compute-sanitizer version) is the next session's to check.
+set -uo pipefail
+repo=$(pwd)
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+tools=("$@")
+[ ${#tools[@]} -eq 0 ] && tools=(memcheck racecheck synccheck)
+rm -rf /tmp/tests /tmp/site && cp -r "$repo/tests" /tmp/tests
+cd /tmp
+python3 -m pip install -q --no-deps --no-index --target /tmp/site "$repo"/.whl/jax_fp8gemm-*cp312*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Odd shapes, every block size, grouped sizes with zeros and sums past M: small problems.
+select="odd_shapes or block_sizes or empty or group_sizes or masked or clamp or negative"
+status=0
+for tool in "${tools[@]}"; do
+  for kernels in "kns=portable_" "kns=sm90_"; do
+    echo "== $tool, kernels $kernels"
+    compute-sanitizer --tool "$tool" --kernel-name "$kernels" \
+        --error-exitcode 99 python3 -m pytest /tmp/tests/test_gemm.py /tmp/tests/test_grouped.py \
+        /tmp/tests/test_quantize.py -q -m gpu -p no:cacheprovider -k "$select" \
+        > "$out/sanitize_${tool}_${kernels#kns=}.log" 2>&1
+    rc=$?
+    tail -3 "$out/sanitize_${tool}_${kernels#kns=}.log"
+    [ $rc -ne 0 ] && status=$rc
+  done
+done
+exit $status
