@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../common/ops.h"
+#include "../common/bindings.h"
 #include "../handlers.h"
 #include "parallel.h"
 
@@ -160,40 +161,16 @@ ffi::Error GroupedKGroupedImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffe
 
 namespace ffi = xla::ffi;
 
+#define FP8GEMM_BIND ffi::Ffi::Bind()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_gemm_cpu, fp8gemm::cpu::GemmImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // scale_a
-                                  .Arg<ffi::AnyBuffer>()  // scale_b
-                                  .OptionalArg<ffi::AnyBuffer>()  // accumulator
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("scale_mode")
-                                  .Attr<int64_t>("block_size"));
+                              FP8GEMM_BIND_GEMM(FP8GEMM_BIND));
 
-#define FP8GEMM_GROUPED_BINDING                    \
-  ffi::Ffi::Bind()                                 \
-      .Arg<ffi::AnyBuffer>()     /* x */           \
-      .Arg<ffi::AnyBuffer>()     /* sizes */       \
-      .Arg<ffi::AnyBuffer>()     /* w */           \
-      .Arg<ffi::AnyBuffer>()     /* scale_x */     \
-      .Arg<ffi::AnyBuffer>()     /* scale_w */     \
-      .Ret<ffi::AnyBuffer>()                       \
-      .Attr<int64_t>("scale_mode")                 \
-      .Attr<int64_t>("block_size")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_contiguous_cpu, fp8gemm::cpu::GroupedContiguousImpl,
+                              FP8GEMM_BIND_GROUPED(FP8GEMM_BIND));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_contiguous_cpu,
-                              fp8gemm::cpu::GroupedContiguousImpl, FP8GEMM_GROUPED_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_masked_cpu, fp8gemm::cpu::GroupedMaskedImpl,
-                              FP8GEMM_GROUPED_BINDING);
+                              FP8GEMM_BIND_GROUPED(FP8GEMM_BIND));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_kgrouped_cpu, fp8gemm::cpu::GroupedKGroupedImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // group_sizes
-                                  .Arg<ffi::AnyBuffer>()  // scale_a
-                                  .Arg<ffi::AnyBuffer>()  // scale_b
-                                  .OptionalArg<ffi::AnyBuffer>()  // accumulator
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("block_size"));
+                              FP8GEMM_BIND_KGROUPED(FP8GEMM_BIND));

@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "../common/ops.h"
+#include "../common/bindings.h"
 #include "../handlers.h"
 #include "parallel.h"
 
@@ -69,17 +70,10 @@ ffi::Error QuantizeBlockImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
 
 namespace ffi = xla::ffi;
 
+#define FP8GEMM_BIND ffi::Ffi::Bind()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_tensor_cpu, fp8gemm::cpu::QuantizeTensorImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              FP8GEMM_BIND_QUANTIZE_TENSOR(FP8GEMM_BIND));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_block_cpu, fp8gemm::cpu::QuantizeBlockImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("block_rows")
-                                  .Attr<int64_t>("block_cols")
-                                  .Attr<bool>("transpose"));
+                              FP8GEMM_BIND_QUANTIZE_BLOCK(FP8GEMM_BIND));

@@ -26,6 +26,7 @@
 // does not contract them into an FMA the CPU backend does not perform. Every output is
 // written once, by one thread, after a fixed-order loop: results are deterministic.
 #include "../common/ops.h"
+#include "../common/bindings.h"
 #include "../handlers.h"
 #include "cuda_utils.cuh"
 #include "sm90_gemm.h"
@@ -328,47 +329,20 @@ ffi::Error GroupedKGroupedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBu
 
 namespace ffi = xla::ffi;
 
+#define FP8GEMM_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_gemm_cuda, fp8gemm::cuda::GemmImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // scale_a
-                                  .Arg<ffi::AnyBuffer>()  // scale_b
-                                  .OptionalArg<ffi::AnyBuffer>()  // accumulator
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("scale_mode")
-                                  .Attr<int64_t>("block_size"),
+                              FP8GEMM_BIND_GEMM(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});
 
-#define FP8GEMM_GROUPED_BINDING                              \
-  ffi::Ffi::Bind()                                           \
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()              \
-      .Arg<ffi::AnyBuffer>()     /* x */                     \
-      .Arg<ffi::AnyBuffer>()     /* sizes */                 \
-      .Arg<ffi::AnyBuffer>()     /* w */                     \
-      .Arg<ffi::AnyBuffer>()     /* scale_x */               \
-      .Arg<ffi::AnyBuffer>()     /* scale_w */               \
-      .Ret<ffi::AnyBuffer>()                                 \
-      .Attr<int64_t>("scale_mode")                           \
-      .Attr<int64_t>("block_size")
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_contiguous_cuda,
-                              fp8gemm::cuda::GroupedContiguousImpl, FP8GEMM_GROUPED_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_contiguous_cuda, fp8gemm::cuda::GroupedContiguousImpl,
+                              FP8GEMM_BIND_GROUPED(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_masked_cuda, fp8gemm::cuda::GroupedMaskedImpl,
-                              FP8GEMM_GROUPED_BINDING, {ffi::Traits::kCmdBufferCompatible});
+                              FP8GEMM_BIND_GROUPED(FP8GEMM_BIND),
+                              {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_kgrouped_cuda,
-                              fp8gemm::cuda::GroupedKGroupedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // group_sizes
-                                  .Arg<ffi::AnyBuffer>()  // scale_a
-                                  .Arg<ffi::AnyBuffer>()  // scale_b
-                                  .OptionalArg<ffi::AnyBuffer>()  // accumulator
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("block_size"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_grouped_kgrouped_cuda, fp8gemm::cuda::GroupedKGroupedImpl,
+                              FP8GEMM_BIND_KGROUPED(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -16,6 +16,7 @@
 // Blockwise: one warp (1 x block scales) or one CTA (block x block) per scale block reduces
 // the block's amax and then casts its values; nothing crosses blocks, so one launch.
 #include "../common/ops.h"
+#include "../common/bindings.h"
 #include "../handlers.h"
 #include "cuda_utils.cuh"
 
@@ -209,21 +210,12 @@ ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
 
 namespace ffi = xla::ffi;
 
+#define FP8GEMM_BIND ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_tensor_cuda, fp8gemm::cuda::QuantizeTensorImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>(),
+                              FP8GEMM_BIND_QUANTIZE_TENSOR(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_block_cuda, fp8gemm::cuda::QuantizeBlockImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("block_rows")
-                                  .Attr<int64_t>("block_cols")
-                                  .Attr<bool>("transpose"),
+                              FP8GEMM_BIND_QUANTIZE_BLOCK(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});
