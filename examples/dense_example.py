@@ -22,48 +22,18 @@ block_until_ready, after --warmup untimed calls.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 import jax_fp8gemm as fg
+from _common import benchmark, fmt_ms, fmt_tflops
 from jax_fp8gemm.reference import calc_diff
 
 # calc_diff of an e4m3 GEMM of random normal inputs is about 6.5e-4 (per-tensor or
 # fine-grained); DeepGEMM's own tests accept < 1e-3. Fail loudly well past that.
 MAX_DIFF = 2e-3
-
-
-def fmt_ms(seconds: float) -> str:
-    """Three significant digits, never in exponent form: 0.152, 35.1, 1234."""
-    ms = seconds * 1e3
-    decimals = max(0, 2 - math.floor(math.log10(ms))) if ms > 0 else 3
-    return f"{ms:.{decimals}f}"
-
-
-def fmt_tflops(flops: float, seconds: float) -> str:
-    """TFLOPS as the guide prints them (1145, 584); two significant digits below 100
-    (45, 5.3, 0.0038) so that CPU rates stay readable in the same unit."""
-    t = flops / seconds / 1e12
-    decimals = max(0, 1 - math.floor(math.log10(t))) if t > 0 else 0
-    return f"{t:.{decimals}f}"
-
-
-def benchmark(fn, *args, warmup: int, iters: int) -> float:
-    """Median seconds of one call of fn(*args) (a jitted function), compiled beforehand."""
-    compiled = fn.lower(*args).compile()
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def parse_args(argv=None):

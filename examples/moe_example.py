@@ -28,16 +28,14 @@ lines are printed:
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_fp8gemm as fg
+from _common import benchmark, fmt_ms, fmt_tflops
 from jax_fp8gemm.reference import calc_diff
 
 # Sizes used when no GPU is present and the size was not given on the command line.
@@ -47,33 +45,6 @@ GPU_SIZES = {"hidden": 2048, "tokens": 1024, "ffn": 1024}
 # < 1e-3); grouped vs padded should agree to bf16 rounding.
 MAX_DIFF_REF = 2e-3
 MAX_DIFF_PADDED = 1e-5
-
-
-def fmt_ms(seconds: float) -> str:
-    """Three significant digits, never in exponent form: 0.245, 35.1, 1234."""
-    ms = seconds * 1e3
-    decimals = max(0, 2 - math.floor(math.log10(ms))) if ms > 0 else 3
-    return f"{ms:.{decimals}f}"
-
-
-def fmt_tflops(flops: float, seconds: float) -> str:
-    """TFLOPS as the guide prints them (712, 453); two significant digits below 100."""
-    t = flops / seconds / 1e12
-    decimals = max(0, 1 - math.floor(math.log10(t))) if t > 0 else 0
-    return f"{t:.{decimals}f}"
-
-
-def benchmark(fn, *args, warmup: int, iters: int) -> float:
-    """Median seconds of one call of fn(*args) (a jitted function), compiled beforehand."""
-    compiled = fn.lower(*args).compile()
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def parse_args(argv=None):
