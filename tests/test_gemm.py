@@ -16,7 +16,7 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import reference
-from conftest import seed_of
+from conftest import gpu_device, seed_of
 from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, on, quantize_a, quantize_b,
                      randn, reference_product)
 
@@ -129,6 +129,31 @@ def test_per_tensor_odd_shapes(device, rng, m, n, k, layout, out_name):
 def test_fine_grained_block_sizes(device, rng, block_size, mode, layout):
     check_gemm(device, rng, 33, 300, 700, mode, layout, "float32", block_size=block_size,
                accumulate=mode == "row")
+
+
+# The Hopper kernel's tile shapes (FP8GEMM_SM90_TILES in csrc/cuda/sm90_gemm_launch.cuh),
+# each forced through JAX_FP8GEMM_SM90_TILE, which the handler reads at every call.
+SM90_TILES = ["64x16", "64x32", "64x64", "64x128", "64x192", "128x128", "128x160", "128x192",
+              "256x128"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [64, 128, 256])
+@pytest.mark.parametrize("tile", SM90_TILES)
+def test_every_sm90_tile(rng, monkeypatch, tile, block_size):
+    device = gpu_device()
+    if device is None or not fg.has_fp8_support(device):
+        pytest.skip("needs the Hopper kernels")
+    monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
+    # M and N cut the tiles and the scale blocks unevenly (N = 530 starts 160-wide tiles at
+    # every offset inside a 128-wide block); K is a multiple of 16 with a tail in the last
+    # scale block.
+    with jax.default_device(device):
+        check_gemm(device, rng, 300, 530, 528, "block", "nk", "bfloat16", block_size=block_size)
+        check_gemm(device, rng, 129, 400, 656, "block", "kn", "float32", accumulate=True,
+                   block_size=block_size, fmts=("e4m3", "e5m2"), check_diff=False)
+        check_gemm(device, rng, 70, 200, 272, "tensor", "kn", "float32", fmts=("e5m2", "e4m3"),
+                   check_diff=False)
 
 
 @pytest.mark.parametrize("fmts", [("e5m2", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e5m2")])

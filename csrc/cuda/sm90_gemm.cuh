@@ -12,6 +12,8 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <type_traits>
+
 #include "../common/problem.h"
 #include "sm90_ptx.cuh"
 #include "sm90_wgmma.cuh"
@@ -54,12 +56,19 @@ struct DenseScheduler {
   }
 };
 
-template <int BLOCK_M, int BLOCK_N, int kStages>
+constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock>
 struct SharedStorage {
+  // K blocks of the scales per stage: two when blocks are 64 wide, else one (a 256-wide
+  // block covers two stages; both load it, the second promotes).
+  static constexpr int kSubs = kScaleBlock < kBlockK ? kBlockK / kScaleBlock : 1;
   alignas(1024) uint8_t a[kStages][BLOCK_M * kBlockK];  // (BLOCK_M, 128) swizzled, per stage
   alignas(1024) uint8_t b[kStages][BLOCK_N * kBlockK];  // (BLOCK_N, 128) swizzled, per stage
-  uint64_t full[kStages];   // TMA -> math: stage loaded
-  uint64_t empty[kStages];  // math -> TMA: stage consumed
+  float sa[kStages][kSubs][BLOCK_M];  // a's scale of each tile row
+  float sb[kStages][kSubs][4];        // b's scales of the (at most three) column blocks spanned
+  uint64_t full[kStages];   // producer -> math: stage loaded (TMA bytes + 32 scale lanes)
+  uint64_t empty[kStages];  // math -> producer: stage consumed
 };
 
 template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA, Fp8Format FB>
@@ -70,30 +79,47 @@ struct GemmConfig {
   static constexpr int kWaves = BLOCK_M / (64 * kMathWGs);
   static constexpr int kThreads = kWgThreads * (1 + kMathWGs);
   static constexpr int kAcc = BLOCK_N / 2;  // float accumulators per thread (m64nN)
-  // A K block of the scales spans kScaleBlock / 128 stages, or a stage holds 128 /
-  // kScaleBlock of them.
-  static constexpr int kSubs = kScaleBlock < kBlockK ? kBlockK / kScaleBlock : 1;
+  using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock>;
+  static constexpr int kSubs = Storage::kSubs;
   static constexpr int kStagesPerScale = kScaleBlock > kBlockK ? kScaleBlock / kBlockK : 1;
   static constexpr int kStepsPerSub = kBlockK / 32 / kSubs;  // wgmma k32 steps per sub-block
-  // One wave and one scale block per stage: the mainloop double-buffers the partial sums
-  // so that promotion overlaps the next stage's wgmmas.
-  static constexpr bool kPipelined = kWaves == 1 && kSubs == 1 && kStagesPerScale == 1;
   static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
+  // Where a tile starts inside a column block of b's scales (n0 % kScaleBlock) decides which
+  // accumulators take which scale. It is one of kScaleBlock / gcd values; the mainloop is
+  // compiled once per value so that the choice is a compile-time constant, except when it
+  // cannot matter (a tile inside one block, or tiles aligned with blocks).
+  static constexpr bool kOneOffset = kScaleBlock % BLOCK_N == 0 || BLOCK_N % kScaleBlock == 0;
+  static constexpr int kOffsetStep = kOneOffset ? kScaleBlock : gcd(BLOCK_N, kScaleBlock);
   // Producer registers go to the math warpgroups (setmaxnreg); totals stay within 64K.
   static constexpr int kProducerRegs = 40;
   static constexpr int kMathRegs = kMathWGs == 2 ? 232 : 240;
-  static_assert(kAcc * (kWaves + (kPipelined ? 2 : 1)) <= 200,
-                "accumulators must fit in the math registers");
-  using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages>;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "waves of 64-row wgmmas");
   static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N: multiple of 16 up to 256");
   static_assert(kScaleBlock == 64 || kScaleBlock == 128 || kScaleBlock == 256,
                 "scale blocks of 64, 128 or 256");
-  static_assert(BLOCK_N <= 2 * kScaleBlock, "a tile spans at most three scale columns of b");
+  static_assert(kScaleBlock - kOffsetStep + BLOCK_N <= 3 * kScaleBlock || kOneOffset,
+                "a tile spans at most three column blocks of b's scales");
+  static_assert(BLOCK_N <= 3 * kScaleBlock, "a tile spans at most three column blocks");
+  static_assert(kAcc * (kWaves + 1) <= 200, "accumulators must fit in the math registers");
   static_assert(kProducerRegs * kWgThreads + kMathRegs * kWgThreads * kMathWGs <= 65536,
                 "register file");
 };
+
+// Calls f(std::integral_constant<int, offset>) with the run-time offset made a constant
+// (one of kStep, 2 kStep, ... below kEnd).
+template <int kOffset, int kStep, int kEnd, class F>
+__device__ __forceinline__ void dispatch_offset(int offset, F&& f) {
+  if constexpr (kOffset + kStep >= kEnd) {
+    f(std::integral_constant<int, kOffset>{});
+  } else {
+    if (offset == kOffset) {
+      f(std::integral_constant<int, kOffset>{});
+    } else {
+      dispatch_offset<kOffset + kStep, kStep, kEnd>(offset, f);
+    }
+  }
+}
 
 template <class Cfg, int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA,
           Fp8Format FB>
@@ -102,19 +128,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                          const __grid_constant__ CUtensorMap map_b, GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Storage = typename Cfg::Storage;
+  constexpr int kSubs = Cfg::kSubs;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
 
   const int wg = threadIdx.x / kWgThreads;
   const int tid = threadIdx.x % kWgThreads;
+  const int warp = tid / 32, lane = tid % 32;
   const int64_t k_stages = ceil_div(p.k, kBlockK);
+  const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
   const DenseScheduler<BLOCK_M, BLOCK_N> sched(p.m, p.n);
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&map_a);
     tma_prefetch_desc(&map_b);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&smem.full[s], 1);
+      mbar_init(&smem.full[s], 1 + 32);              // the TMA thread and the 32 scale lanes
       mbar_init(&smem.empty[s], Cfg::kMathWGs * 4);  // one arrive per math warp
     }
     fence_barrier_init();
@@ -122,20 +151,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   if (wg == Cfg::kMathWGs) {
-    // ---- Producer warpgroup: one thread streams A and B tiles through the stages. ----
+    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles by TMA;
+    // warp 1 copies the stage's scales next to them (cp.async), so that the math
+    // warpgroups read every scale from shared memory. ----
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (tid == 0) {
-      int64_t it = 0;
-      for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
-        int64_t m0, n0;
-        sched.tile(t, &m0, &n0);
-        for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
-          const int s = it % kStages;
-          mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
+    if (warp > 1 || (warp == 0 && lane != 0)) return;
+    int64_t it = 0;
+    for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+      int64_t m0, n0;
+      sched.tile(t, &m0, &n0);
+      const int64_t nb_first = n0 / kScaleBlock;
+      const int64_t nb_last = (min(n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
+      for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
+        const int s = it % kStages;
+        mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
+        if (warp == 0) {
           mbar_arrive_expect_tx(&smem.full[s], Cfg::kStageBytes);
           tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, m0);
           tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, n0);
+          continue;
         }
+#pragma unroll
+        for (int sub = 0; sub < kSubs; ++sub) {
+          // A K tail can leave a 64-wide sub-block empty: its (clamped) scale is never used.
+          const int64_t kb = min((ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock,
+                                 sa_blocks - 1);
+          // Rows past M take the last row's scale: they are computed, never stored.
+#pragma unroll
+          for (int r = lane; r < BLOCK_M; r += 32) {
+            const int64_t row = min(m0 + r, p.m - 1);
+            cp_async_4(&smem.sa[s][sub][r], p.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
+          }
+          if (lane < 3) {
+            const int64_t nb = min(nb_first + lane, nb_last);
+            cp_async_4(&smem.sb[s][sub][lane], p.sb + (p.tensor_scales ? 0 : nb * p.sb_ld + kb));
+          }
+        }
+        cp_async_mbar_arrive(&smem.full[s]);
       }
     }
     return;
@@ -143,15 +195,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   // ---- Math warpgroups: wgmma on each stage, promotion at each scale block's end. ----
   setmaxnreg_inc<Cfg::kMathRegs>();
-  const int warp = tid / 32, lane = tid % 32;
   // Row of accumulator 0 in wave w: w * 64 * kMathWGs + row_in_wave (and + 8).
   const int row_in_wave = wg * 64 + warp * 16 + lane / 4;
   constexpr int kWaveRows = 64 * Cfg::kMathWGs;
-  float partial[Cfg::kPipelined ? 1 : Cfg::kAcc];
-  float partial2[Cfg::kPipelined ? 2 : 1][Cfg::kAcc];
+  float partial[Cfg::kAcc];
   float acc[Cfg::kWaves][Cfg::kAcc];
   int64_t it = 0;
-  const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
 
   for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
     int64_t m0, n0;
@@ -161,137 +210,65 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < Cfg::kAcc; ++i) acc[w][i] = 0.0f;
 
-    // The column blocks of b's scales that the tile spans.
-    const int64_t nb_first = n0 / kScaleBlock;
-    const int64_t nb_max = (min(n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
-    // Tile columns at and past rel_b1 (rel_b2) read the next (second next) scale block.
-    const int rel_b1 = static_cast<int>((nb_first + 1) * kScaleBlock - n0);
-    const int rel_b2 = rel_b1 + kScaleBlock;
-
-    if constexpr (Cfg::kPipelined) {
-      // One wave, one scale block per stage: the wgmmas of stage ks + 1 run on the tensor
-      // cores while stage ks is promoted on the CUDA cores (two partial accumulators).
-      float sa0[2], sa1[2], sb[2];
-      auto issue = [&](int64_t ks, float* part, float& a0, float& a1, float& b0) {
-        const int s = (it + ks) % kStages;
-        const int64_t r0 = min(m0 + row_in_wave, p.m - 1), r1 = min(m0 + row_in_wave + 8, p.m - 1);
-        a0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + ks));
-        a1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + ks));
-        b0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + ks));
-        mbar_wait(&smem.full[s], ((it + ks) / kStages) & 1);
+    dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(
+        static_cast<int>(n0 % kScaleBlock), [&](auto offset) {
+          constexpr int kOffset = Cfg::kOneOffset ? 0 : decltype(offset)::value;
+          for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
+            const int s = it % kStages;
+            mbar_wait(&smem.full[s], (it / kStages) & 1);
 #pragma unroll
-        for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(part[i]);
-        wgmma_fence();
+            for (int sub = 0; sub < kSubs; ++sub) {
+              const int64_t kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
+              const bool first = (ks % Cfg::kStagesPerScale) == 0;
+              const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 ||
+                                ks == k_stages - 1;
+              const bool promote = last && kb < sa_blocks;
+              const float sb0 = smem.sb[s][sub][0], sb1 = smem.sb[s][sub][1],
+                          sb2 = smem.sb[s][sub][2];
 #pragma unroll
-        for (int step = 0; step < kBlockK / 32; ++step) {
-          const uint64_t da = smem_desc_kmajor_sw128(smem.a[s] + wg * 64 * kBlockK) + step * 2;
-          const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + step * 2;
-          Wgmma<BLOCK_N, FA, FB>::mma(da, db, part, step != 0);
-        }
-        wgmma_commit();
-      };
-      // Waits for stage ks's wgmmas (one later group may still run), frees its smem, and
-      // promotes its partial sums.
-      auto retire = [&](int64_t ks, float* part, float a0, float a1, float b0, bool later) {
-        if (later) {
-          wgmma_wait<1>();
-        } else {
-          wgmma_wait<0>();
-        }
+              for (int w = 0; w < Cfg::kWaves; ++w) {
+                // Every shared-memory read of the stage comes before the empty arrive below.
+                const float sa0 = smem.sa[s][sub][w * kWaveRows + row_in_wave];
+                const float sa1 = smem.sa[s][sub][w * kWaveRows + row_in_wave + 8];
+                const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
 #pragma unroll
-        for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(part[i]);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&smem.empty[(it + ks) % kStages]);
-        const float s0 = a0 * b0, s1 = a1 * b0;
+                for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+                wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < Cfg::kAcc; ++i) acc[0][i] = fmaf(part[i], (i % 4) >= 2 ? s1 : s0, acc[0][i]);
-      };
-      issue(0, partial2[0], sa0[0], sa1[0], sb[0]);
-      for (int64_t ks = 0; ks < k_stages; ks += 2) {
-        const bool more1 = ks + 1 < k_stages;
-        if (more1) issue(ks + 1, partial2[1], sa0[1], sa1[1], sb[1]);
-        retire(ks, partial2[0], sa0[0], sa1[0], sb[0], more1);
-        if (!more1) break;
-        const bool more2 = ks + 2 < k_stages;
-        if (more2) issue(ks + 2, partial2[0], sa0[0], sa1[0], sb[0]);
-        retire(ks + 1, partial2[1], sa0[1], sa1[1], sb[1], more2);
-      }
-      it += k_stages;
-    } else {
-      for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
-        const int s = it % kStages;
-        mbar_wait(&smem.full[s], (it / kStages) & 1);
-  #pragma unroll
-        for (int sub = 0; sub < Cfg::kSubs; ++sub) {
-          const int64_t kb = (ks * kBlockK + sub * (kBlockK / Cfg::kSubs)) / kScaleBlock;
-          const bool first = (ks % Cfg::kStagesPerScale) == 0;
-          const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 || ks == k_stages - 1;
-          const bool promote = last && kb < sa_blocks;  // a K tail can leave a sub-block empty
-          float sb0 = 0.0f, sb1 = 0.0f, sb2 = 0.0f;
-          if (promote) {
-            sb0 = __ldg(p.sb + (p.tensor_scales ? 0 : nb_first * p.sb_ld + kb));
-            if (!p.tensor_scales && kScaleBlock % BLOCK_N != 0) {
-              sb1 = __ldg(p.sb + min(nb_first + 1, nb_max) * p.sb_ld + kb);
-              sb2 = __ldg(p.sb + min(nb_first + 2, nb_max) * p.sb_ld + kb);
-            }
-          }
-  #pragma unroll
-          for (int w = 0; w < Cfg::kWaves; ++w) {
-            // Scales of this wave's rows (clamped: rows past M are computed, never stored),
-            // loaded before the wgmma so that their latency overlaps it.
-            float sa0 = 0.0f, sa1 = 0.0f;
-            if (promote) {
-              const int64_t r0 = min(m0 + w * kWaveRows + row_in_wave, p.m - 1);
-              const int64_t r1 = min(m0 + w * kWaveRows + row_in_wave + 8, p.m - 1);
-              sa0 = __ldg(p.sa + (p.tensor_scales ? 0 : r0 * p.sa_ld + kb));
-              sa1 = __ldg(p.sa + (p.tensor_scales ? 0 : r1 * p.sa_ld + kb));
-            }
-            const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
-  #pragma unroll
-            for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-            wgmma_fence();
-  #pragma unroll
-            for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
-              const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
-              const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
-              const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
-              Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
-            }
-            wgmma_commit();
-            wgmma_wait<0>();
-  #pragma unroll
-            for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-            if (sub == Cfg::kSubs - 1 && w == Cfg::kWaves - 1) {
-              __syncwarp();
-              if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage's smem has been read
-            }
-            if (promote) {
-              // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile column
-              // 8 * (i / 4) + 2 * (lane % 4) + i % 2. Its b scale is the scale block of that
-              // column: known at compile time when tiles align with scale blocks, else one of
-              // the (at most three) blocks the tile spans.
-              const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
-              const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
-  #pragma unroll
-              for (int i = 0; i < Cfg::kAcc; ++i) {
-                const int tile_col = 8 * (i / 4) + 2 * (lane % 4) + (i % 2);
-                int blk;
-                if constexpr (kScaleBlock % BLOCK_N == 0) {
-                  blk = 0;  // the tile lies inside one scale block
-                } else if constexpr (BLOCK_N % kScaleBlock == 0) {
-                  blk = (8 * (i / 4)) / kScaleBlock;  // aligned: blocks at fixed columns
-                } else {
-                  blk = tile_col < rel_b1 ? 0 : (tile_col < rel_b2 ? 1 : 2);
+                for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
+                  const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
+                  const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
+                  const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
+                  Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
                 }
-                const float scale = (i % 4) >= 2 ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
-                                                 : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
-                acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+                wgmma_commit();
+                wgmma_wait<0>();
+#pragma unroll
+                for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+                if (sub == kSubs - 1 && w == Cfg::kWaves - 1) {
+                  __syncwarp();
+                  if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage has been read
+                }
+                if (promote) {
+                  // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
+                  // column 8 * (i / 4) + 2 * (lane % 4) + i % 2; its b scale is that of
+                  // the column block holding tile column 8 * (i / 4) (8-column groups never
+                  // straddle a block: tiles and blocks are multiples of 16 wide).
+                  const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
+                  const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
+#pragma unroll
+                  for (int i = 0; i < Cfg::kAcc; ++i) {
+                    const int blk = (kOffset + 8 * (i / 4)) / kScaleBlock;
+                    const float scale = (i % 4) >= 2
+                                            ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
+                                            : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
+                    acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+                  }
+                }
               }
             }
           }
-        }
-      }
-    }
+        });
 
     // Epilogue: registers straight to global memory, two columns per store.
 #pragma unroll

@@ -46,6 +46,22 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t phase) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Non-bulk asynchronous copies (cp.async), completing on an mbarrier
+
+// Copies 4 bytes from global to shared memory asynchronously.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src)
+               : "memory");
+}
+
+// Arrives on bar once this thread's earlier cp.async copies have landed. The arrival is
+// counted in the barrier's initial count (.noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar))
+               : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
 // TMA
 
 __device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {

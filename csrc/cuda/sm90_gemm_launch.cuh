@@ -1,0 +1,123 @@
+// Host side of one tile configuration of the Hopper dense GEMM: TMA descriptors, the
+// kernel's shared-memory limit, the launch. Each tile shape is compiled in its own
+// translation unit (sm90_tiles_<BLOCK_M>.cu) so that the build runs them in parallel;
+// sm90_gemm.cu chooses among them.
+#pragma once
+
+#include <cudaTypedefs.h>
+
+#include <atomic>
+
+#include "cuda_utils.cuh"
+#include "sm90_gemm.cuh"
+
+namespace fp8gemm::sm90 {
+
+constexpr int kMaxDevices = 64;
+constexpr int kMaxSmem = 232448;  // dynamic shared memory per block on sm_90 (227 KB)
+
+// The deepest pipeline (at most 8 stages) whose shared storage fits.
+template <int BLOCK_M, int BLOCK_N, int kScaleBlock, int kStages = 8>
+constexpr int max_stages() {
+  if constexpr (kStages <= 2 ||
+                sizeof(SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock>) <= kMaxSmem) {
+    return kStages;
+  } else {
+    return max_stages<BLOCK_M, BLOCK_N, kScaleBlock, kStages - 1>();
+  }
+}
+
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                     &status);
+    return status == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A [rows, k] K-major FP8 matrix read in (box_rows, 128) boxes with 128-byte swizzling;
+// out-of-bounds parts of a box read as zeros.
+inline bool make_map(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_t k,
+                     int box_rows) {
+  auto encode = encode_fn();
+  if (!encode) return false;
+  cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
+  cuuint32_t box[2] = {static_cast<cuuint32_t>(kBlockK), static_cast<cuuint32_t>(box_rows)};
+  cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(data), dims, strides,
+                box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BLOCK_M, int BLOCK_N, int kScaleBlock, Fp8Format FA, Fp8Format FB>
+ffi::Error launch(const Problem& pr, const GemmParams& params, cudaStream_t stream, int sms) {
+  constexpr int kStages = max_stages<BLOCK_M, BLOCK_N, kScaleBlock>();
+  using Cfg = GemmConfig<BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
+  constexpr int kSmem = sizeof(typename Cfg::Storage);
+  static_assert(kSmem <= kMaxSmem, "shared storage of the tile does not fit");
+  auto kernel = sm90_fp8_gemm_kernel<Cfg, BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
+  // The shared-memory limit is a per-device attribute of the kernel: set it once per device.
+  static std::atomic<bool> configured[kMaxDevices];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= kMaxDevices || !configured[dev].load()) {
+    FP8GEMM_RETURN_IF_ERROR(cuda::cuda_status(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+        "sm90_fp8_gemm_kernel smem"));
+    if (dev >= 0 && dev < kMaxDevices) configured[dev].store(true);
+  }
+  CUtensorMap map_a, map_b;
+  if (!make_map(&map_a, pr.a.data, params.m, params.k, BLOCK_M) ||
+      !make_map(&map_b, pr.b.data, params.n, params.k, BLOCK_N)) {
+    return ffi::Error::Internal("jax_fp8gemm: cuTensorMapEncodeTiled failed");
+  }
+  const int64_t tiles = DenseScheduler<BLOCK_M, BLOCK_N>(params.m, params.n).num_tiles();
+  const int grid = static_cast<int>(tiles < sms ? tiles : sms);
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map_a, map_b, params);
+  return cuda::launch_status("sm90_fp8_gemm_kernel");
+}
+
+// Every scale block size and FP8 format pair of one tile shape.
+template <int BLOCK_M, int BLOCK_N>
+ffi::Error launch_tile(const Problem& pr, const GemmParams& params, cudaStream_t stream,
+                       int sms) {
+  constexpr Fp8Format E4 = Fp8Format::kE4M3, E5 = Fp8Format::kE5M2;
+  const bool a4 = pr.a.format == E4, b4 = pr.b.format == E4;
+  auto formats = [&](auto block) -> ffi::Error {
+    constexpr int kBlock = decltype(block)::value;
+    if (a4 && b4) return launch<BLOCK_M, BLOCK_N, kBlock, E4, E4>(pr, params, stream, sms);
+    if (a4) return launch<BLOCK_M, BLOCK_N, kBlock, E4, E5>(pr, params, stream, sms);
+    if (b4) return launch<BLOCK_M, BLOCK_N, kBlock, E5, E4>(pr, params, stream, sms);
+    return launch<BLOCK_M, BLOCK_N, kBlock, E5, E5>(pr, params, stream, sms);
+  };
+  switch (pr.block) {
+    case 64: return formats(std::integral_constant<int, 64>{});
+    case 256: return formats(std::integral_constant<int, 256>{});
+    default: return formats(std::integral_constant<int, 128>{});
+  }
+}
+
+// The tile shapes compiled into the library, X(BLOCK_M, BLOCK_N), one list per BLOCK_M:
+// sm90_tiles_<BLOCK_M>.cu instantiates its list, sm90_gemm.cu chooses among all of them.
+#define FP8GEMM_SM90_TILES_64(X) X(64, 16) X(64, 32) X(64, 64) X(64, 128) X(64, 192)
+#define FP8GEMM_SM90_TILES_128(X) X(128, 128) X(128, 160) X(128, 192)
+#define FP8GEMM_SM90_TILES_256(X) X(256, 128)
+#define FP8GEMM_SM90_TILES(X) \
+  FP8GEMM_SM90_TILES_64(X) FP8GEMM_SM90_TILES_128(X) FP8GEMM_SM90_TILES_256(X)
+
+#define FP8GEMM_SM90_DECLARE_TILE(BM, BN)                                                   \
+  extern template ffi::Error launch_tile<BM, BN>(const Problem&, const GemmParams&,       \
+                                                 cudaStream_t, int);
+#define FP8GEMM_SM90_INSTANTIATE_TILE(BM, BN)                                               \
+  template ffi::Error launch_tile<BM, BN>(const Problem&, const GemmParams&, cudaStream_t, int);
+
+FP8GEMM_SM90_TILES(FP8GEMM_SM90_DECLARE_TILE)
+
+}  // namespace fp8gemm::sm90

@@ -1,0 +1,8 @@
+// The Hopper dense GEMM's tiles with BLOCK_M = 256 (see sm90_gemm_launch.cuh).
+#include "sm90_gemm_launch.cuh"
+
+namespace fp8gemm::sm90 {
+
+FP8GEMM_SM90_TILES_256(FP8GEMM_SM90_INSTANTIATE_TILE)
+
+}  // namespace fp8gemm::sm90
