@@ -80,7 +80,9 @@ def ops_in_command_buffers(dump):
     per thunk, `id: kind`, the commands of a kCommandBuffer indented under it) and the
     thunks' names (`*thunk_metadata.txt`: thunk_id and profile_annotation, which for a
     custom call is its HLO instruction's name, the FFI target's plus a suffix)."""
-    seqs = sorted(dump.glob("*thunk_sequence_after_thunk_passes.txt"))
+    # (Without command buffers XLA runs no thunk passes and writes only the plain sequence.)
+    seqs = (sorted(dump.glob("*thunk_sequence_after_thunk_passes.txt"))
+            or sorted(dump.glob("*thunk_sequence.txt")))
     metas = sorted(dump.glob("*thunk_metadata.txt"))
     assert seqs and metas, f"XLA wrote no thunk dumps in {dump}: {sorted(dump.iterdir())}"
     names = {}

@@ -82,6 +82,11 @@ struct GemmConfig {
   using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock>;
   static constexpr int kSubs = Storage::kSubs;
   static constexpr int kStagesPerScale = kScaleBlock > kBlockK ? kScaleBlock / kBlockK : 1;
+  // Stages summed in the partial accumulator before one promotion: a 256-wide block spans
+  // two. Tiles of two waves reuse one partial accumulator for both (two would not fit in
+  // the registers), so they promote every stage, with the block's scales: more often than
+  // the contract asks, which only adds precision.
+  static constexpr int kStagesPerPromotion = kWaves > 1 ? 1 : kStagesPerScale;
   static constexpr int kStepsPerSub = kBlockK / 32 / kSubs;  // wgmma k32 steps per sub-block
   static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
   // Where a tile starts inside a column block of b's scales (n0 % kScaleBlock) decides which
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     tma_prefetch_desc(&map_b);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&smem.full[s], 1 + 32);              // the TMA thread and the 32 scale lanes
-      mbar_init(&smem.empty[s], Cfg::kMathWGs * 4);  // one arrive per math warp
+      mbar_init(&smem.empty[s], Cfg::kMathWGs * kWgThreads);  // every math thread
     }
     fence_barrier_init();
   }
@@ -219,9 +224,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
             for (int sub = 0; sub < kSubs; ++sub) {
               const int64_t kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
-              const bool first = (ks % Cfg::kStagesPerScale) == 0;
-              const bool last = (ks % Cfg::kStagesPerScale) == Cfg::kStagesPerScale - 1 ||
-                                ks == k_stages - 1;
+              const bool first = (ks % Cfg::kStagesPerPromotion) == 0;
+              const bool last =
+                  (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
+                  ks == k_stages - 1;
               const bool promote = last && kb < sa_blocks;
               const float sb0 = smem.sb[s][sub][0], sb1 = smem.sb[s][sub][1],
                           sb2 = smem.sb[s][sub][2];
@@ -246,8 +252,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
                 if (sub == kSubs - 1 && w == Cfg::kWaves - 1) {
-                  __syncwarp();
-                  if (lane == 0) mbar_arrive(&smem.empty[s]);  // the stage has been read
+                  // The stage has been read. Every thread arrives: an arrive releases only
+                  // its own thread's reads of the scales (one arrive per warp after
+                  // __syncwarp left racecheck reporting the producer's next writes).
+                  mbar_arrive(&smem.empty[s]);
                 }
                 if (promote) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
