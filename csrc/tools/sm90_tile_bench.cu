@@ -1,0 +1,184 @@
+// Standalone timing of the Hopper dense GEMM's tile shapes, without JAX (a development tool,
+// not part of the library). Built on a machine without a GPU, run on the H200:
+//
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//        -cudart static -I csrc -I $(python3 -c "import jax; print(jax.ffi.include_dir())") \
+//        csrc/tools/sm90_tile_bench.cu -o sm90_tile_bench
+//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations]
+//
+// For each tile it checks sampled rows against a simple reference kernel (error relative to
+// the bf16 rounding of the result plus 1e-3 of sum |a b| * scales: the tensor cores' in-block
+// precision), then times back-to-back launches with CUDA events (e4m3, 1 x 128 / 128 x 128
+// scales, bf16 out). docs/PERF.md's tile tables were measured with its scratch predecessor
+// (same kernels, same checks); this file was written from it and compiled here, and had
+// not yet run on a GPU when committed.
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/sm90_gemm_launch.cuh"
+
+namespace fp8gemm::sm90 {
+FP8GEMM_SM90_TILES(FP8GEMM_SM90_INSTANTIATE_TILE)  // (the library's are in sm90_tiles_*.cu)
+}  // namespace fp8gemm::sm90
+
+using namespace fp8gemm;
+using namespace fp8gemm::sm90;
+
+#define CHECK_CUDA(x)                                                                   \
+  do {                                                                                  \
+    cudaError_t e = (x);                                                                \
+    if (e != cudaSuccess) {                                                             \
+      std::printf("%s failed: %s\n", #x, cudaGetErrorString(e));                       \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+__device__ uint32_t hash(uint64_t i, uint32_t seed) {
+  uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 40503u;
+  h ^= h >> 13;
+  h *= 0x5bd1e995;
+  return h ^ (h >> 15);
+}
+
+__global__ void fill_fp8(uint8_t* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    __nv_fp8_e4m3 q(((hash(i, seed) & 0xffff) / 65536.0f - 0.5f) * 8.0f);
+    p[i] = *reinterpret_cast<uint8_t*>(&q);
+  }
+}
+
+__global__ void fill_scales(float* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    p[i] = 0.5f + (hash(i, seed) & 0xffff) / 65536.0f;
+  }
+}
+
+// out[r, n] and sum |a b| * scales for the sampled rows, one thread per column.
+__global__ void reference(const uint8_t* a, const uint8_t* b, const float* sa, const float* sb,
+                          int64_t n, int64_t k, int64_t kb_count, const int* rows, float* out,
+                          float* mag) {
+  const int64_t row = rows[blockIdx.y];
+  for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < n; col += int64_t(gridDim.x) * blockDim.x) {
+    float acc = 0, m = 0;
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      float part = 0, part_abs = 0;
+      for (int64_t kk = kb * 128; kk < min(k, kb * 128 + 128); ++kk) {
+        const float x = float(*reinterpret_cast<const __nv_fp8_e4m3*>(a + row * k + kk));
+        const float y = float(*reinterpret_cast<const __nv_fp8_e4m3*>(b + col * k + kk));
+        part += x * y;
+        part_abs += fabsf(x * y);
+      }
+      const float scale = sa[row * kb_count + kb] * sb[(col / 128) * kb_count + kb];
+      acc += part * scale;
+      m += part_abs * scale;
+    }
+    out[blockIdx.y * n + col] = acc;
+    mag[blockIdx.y * n + col] = m;
+  }
+}
+
+struct Bench {
+  int64_t m, n, k, kb;
+  int sms, iters;
+  uint8_t *a, *b;
+  float *sa, *sb, *ref, *mag;
+  __nv_bfloat16* out;
+  std::vector<int> rows;
+
+  template <int BM, int BN>
+  void run() {
+    Problem pr{};
+    pr.a.data = a;
+    pr.a.format = Fp8Format::kE4M3;
+    pr.b.data = b;
+    pr.b.format = Fp8Format::kE4M3;
+    pr.block = 128;
+    GemmParams p{};
+    p.m = m, p.n = n, p.k = k, p.sa = sa, p.sb = sb, p.sa_ld = kb, p.sb_ld = kb;
+    p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = false;
+    CHECK_CUDA(cudaMemset(out, 0xff, m * n * 2));  // poison
+    auto launch = [&] {
+      ffi::Error err = launch_tile<BM, BN>(pr, p, nullptr, sms);
+      if (err.failure()) std::printf("launch failed\n"), std::exit(1);
+    };
+    launch();
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<float> r(rows.size() * n), mg(rows.size() * n);
+    std::vector<__nv_bfloat16> o(n);
+    CHECK_CUDA(cudaMemcpy(r.data(), ref, r.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(mg.data(), mag, mg.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      CHECK_CUDA(cudaMemcpy(o.data(), out + rows[i] * n, n * 2, cudaMemcpyDeviceToHost));
+      for (int64_t c = 0; c < n; ++c) {
+        const double got = __bfloat162float(o[c]), want = r[i * n + c];
+        const double e = std::abs(got - want) / (std::abs(want) / 128 + mg[i * n + c] * 1e-3 + 1e-20);
+        worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+      }
+    }
+    cudaEvent_t t0, t1;
+    cudaEventCreate(&t0);
+    cudaEventCreate(&t1);
+    cudaEventRecord(t0);
+    for (int i = 0; i < iters; ++i) launch();
+    cudaEventRecord(t1);
+    CHECK_CUDA(cudaEventSynchronize(t1));
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t0, t1);
+    const double us = 1000.0 * ms / iters;
+    const int64_t tiles = ceil_div(m, int64_t(BM)) * ceil_div(n, int64_t(BN));
+    std::printf("%6ld %6ld %6ld  %3dx%-3d  tiles %5ld (%.2f waves)  %9.1f us  %7.1f TFLOP/s  error %.2f %s\n",
+                long(m), long(n), long(k), BM, BN, long(tiles), double(tiles) / sms, us,
+                2.0 * m * n * k / (us * 1e-6) / 1e12, worst, worst <= 1 ? "ok" : "FAIL");
+  }
+};
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::printf("usage: %s M N K [\"tile tile ...\"] [iterations]\n", argv[0]);
+    return 2;
+  }
+  Bench bench{};
+  bench.m = std::atoll(argv[1]), bench.n = std::atoll(argv[2]), bench.k = std::atoll(argv[3]);
+  const std::string tiles = " " + std::string(argc > 4 ? argv[4] : "all") + " ";
+  bench.iters = argc > 5 ? std::atoi(argv[5]) : 20;
+  if (bench.k % 16 != 0) return std::printf("K must be a multiple of 16\n"), 2;
+  CHECK_CUDA(cudaDeviceGetAttribute(&bench.sms, cudaDevAttrMultiProcessorCount, 0));
+  const int64_t m = bench.m, n = bench.n, k = bench.k, kb = ceil_div(k, int64_t(128));
+  bench.kb = kb;
+  CHECK_CUDA(cudaMalloc(&bench.a, m * k));
+  CHECK_CUDA(cudaMalloc(&bench.b, n * k));
+  CHECK_CUDA(cudaMalloc(&bench.sa, m * kb * 4));
+  CHECK_CUDA(cudaMalloc(&bench.sb, ceil_div(n, int64_t(128)) * kb * 4));
+  CHECK_CUDA(cudaMalloc(&bench.out, m * n * 2));
+  fill_fp8<<<1024, 256>>>(bench.a, m * k, 1);
+  fill_fp8<<<1024, 256>>>(bench.b, n * k, 2);
+  fill_scales<<<1024, 256>>>(bench.sa, m * kb, 3);
+  fill_scales<<<1024, 256>>>(bench.sb, ceil_div(n, int64_t(128)) * kb, 4);
+  for (int64_t r : {int64_t(0), int64_t(1), int64_t(8), int64_t(63), int64_t(64), int64_t(127),
+                    int64_t(128), int64_t(255), m / 2, m - 1}) {
+    if (r < m && std::find(bench.rows.begin(), bench.rows.end(), int(r)) == bench.rows.end()) {
+      bench.rows.push_back(int(r));
+    }
+  }
+  int* rows = nullptr;
+  CHECK_CUDA(cudaMalloc(&rows, bench.rows.size() * 4));
+  CHECK_CUDA(cudaMalloc(&bench.ref, bench.rows.size() * n * 4));
+  CHECK_CUDA(cudaMalloc(&bench.mag, bench.rows.size() * n * 4));
+  CHECK_CUDA(cudaMemcpy(rows, bench.rows.data(), bench.rows.size() * 4, cudaMemcpyHostToDevice));
+  reference<<<dim3(unsigned(ceil_div(n, int64_t(128))), unsigned(bench.rows.size())), 128>>>(
+      bench.a, bench.b, bench.sa, bench.sb, n, k, kb, rows, bench.ref, bench.mag);
+  CHECK_CUDA(cudaDeviceSynchronize());
+#define RUN_TILE(BM, BN)                                                                  \
+  if (tiles == " all " || tiles.find(" " #BM "x" #BN " ") != std::string::npos) {        \
+    bench.run<BM, BN>();                                                                  \
+  }
+  FP8GEMM_SM90_TILES(RUN_TILE)
+  return 0;
+}
