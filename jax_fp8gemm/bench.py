@@ -1,6 +1,8 @@
 """Benchmarks: jax_fp8gemm beside XLA (BF16 and FP8) and DeepGEMM.
 
     python -m jax_fp8gemm.bench dense [--quick] [--json PATH] [--png PATH] [--shapes ...]
+    python -m jax_fp8gemm.bench grouped [--quick] [--json PATH] [--workloads ...]
+                                        (jax_fp8gemm/_bench_grouped.py has its notes)
 
 `dense` times, per shape and in one run:
 
@@ -1016,7 +1018,10 @@ def main(argv=None) -> int:
         description="jax_fp8gemm benchmarks (each subcommand has --help)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_dense(sub)
-    # `grouped` (MoE) and `train` (fp8_matmul forward + backward) subcommands go here.
+    from . import _bench_grouped  # (it imports this module)
+
+    _bench_grouped.add_parser(sub)
+    # A `train` (fp8_matmul forward + backward) subcommand goes here.
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2

@@ -1,0 +1,50 @@
+"""The benchmark program runs end to end (--quick: tiny shapes, seconds on a CPU) and writes
+every implementation's rate and the accuracy of ours against the reference."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(tmp_path, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "jax_fp8gemm.bench", *args, "--quick",
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_grouped_quick(tmp_path):
+    stdout, data = run_bench(tmp_path, "grouped")
+    assert "ours/ragged-bf16" in stdout
+    kinds = {row["kind"] for row in data["rows"]}
+    assert kinds == {"contiguous", "masked"}
+    for row in data["rows"]:
+        assert set(row["impls"]) == {"ours", "ragged_bf16", "ragged_fp8", "padded"}
+        for impl, res in row["impls"].items():
+            assert "error" not in res, (impl, res)
+            assert res["tflops"] > 0
+        assert sum(row["sizes"]) == row["useful_rows"]
+        # ours and padded compute the same FP8 product as the dequantized reference.
+        assert row["calc_diff"]["ours"] < 1e-4
+        assert row["calc_diff"]["padded"] < 1e-4
+
+
+@pytest.mark.slow
+def test_bench_dense_quick(tmp_path):
+    stdout, data = run_bench(tmp_path, "dense", "--png", "")
+    assert "ours-fg" in stdout
+    assert data["shapes"]
+    for row in data["shapes"]:
+        assert row["impls"]["ours_fg"]["tflops"] > 0
+        assert row["calc_diff"]["ours_fg"] < 1e-3
