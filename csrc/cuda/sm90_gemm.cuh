@@ -4,9 +4,9 @@
 // two-level accumulation). Persistent: one CTA per SM walks the tiles of a scheduler.
 //
 // out[m, n] = sum_kb sa(m, kb) * sb(n, kb) * (a @ b^T over K block kb); a [M, K] and b [N, K]
-// K-major FP8. sa is [M, ceil(K/bs)] (row-major, read straight from global memory by the
-// threads that own each row) or one per-tensor value; sb is [ceil(N/bs), ceil(K/bs)] or one
-// value.
+// K-major FP8. sa is [M, ceil(K/bs)] (row-major) or one per-tensor value; sb is
+// [ceil(N/bs), ceil(K/bs)] or one value. A producer warp copies each stage's scales into
+// shared memory beside its A and B tiles.
 #pragma once
 
 #include <cuda.h>
