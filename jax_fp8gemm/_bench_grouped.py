@@ -28,7 +28,6 @@ by calc_diff.
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ import jax_fp8gemm as fg
 
 from . import bench as B
 
-BF16, F32, F8 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
+BF16, F32 = jnp.bfloat16, jnp.float32
 
 # (name, kind, groups, rows per group (nominal, or M_max), N, K)
 WORKLOADS = [
@@ -87,7 +86,7 @@ def _dequant_x(qx, sx):
     return (qx.astype(F32) * s).astype(BF16)
 
 
-def _contiguous_fns(sizes_np, rows_total, padded_rows):
+def _contiguous_fns(sizes_np, padded_rows):
     """Functions of (x bf16 [M, K], w bf16 [G, N, K], sizes [G]) for each implementation;
     operands are prepared (quantized) outside the timed functions."""
     starts = np.concatenate([[0], np.cumsum(sizes_np)[:-1]])
@@ -174,7 +173,7 @@ def bench_workload(wl, args, timer):
     if kind == "masked":
         prep, fns = _masked_fns(groups, rows)
     else:
-        prep, fns = _contiguous_fns(sizes_np, m_total, int(sizes_np.max()))
+        prep, fns = _contiguous_fns(sizes_np, int(sizes_np.max()))
     sizes = jnp.asarray(sizes_np)
     nbytes = m_total * k + groups * n * k + 2 * m_total * n
     count = B._num_sets(args, nbytes)
