@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+import jax_fp8gemm
+
+# The directory holding the jax_fp8gemm this process imported (the installed package in CI,
+# the source tree in a development build), for the subprocess to import the same one.
+PKG_ROOT = str(Path(jax_fp8gemm.__file__).resolve().parent.parent)
 
 
 def run_bench(tmp_path, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PKG_ROOT, env.get("PYTHONPATH")]))
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "jax_fp8gemm.bench", *args, "--quick",
                            "--json", str(out)], cwd=tmp_path, env=env, capture_output=True,

@@ -13,9 +13,12 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import jax_fp8gemm
 
 from conftest import gpu_device
 
@@ -65,6 +68,9 @@ def run(tmp_path, name, flags):
     out, dump = tmp_path / f"{name}.npz", tmp_path / f"{name}_dump"
     env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_dump_to={dump}",
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # The subprocess imports the jax_fp8gemm this process imported.
+    pkg_root = str(Path(jax_fp8gemm.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
