@@ -15,14 +15,8 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 tools=("$@")
 [ ${#tools[@]} -eq 0 ] && tools=(memcheck racecheck synccheck)
-rm -rf /tmp/tests /tmp/site && cp -r "$repo/tests" /tmp/tests
-cd /tmp
-if ls "$repo"/.whl/jax_fp8gemm-*cp312*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/site "$repo"/.whl/jax_fp8gemm-*cp312*.whl || exit 1
-else
-  echo "no wheel in .whl/: testing the jax_fp8gemm installed in this Python"
-fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_ALLOCATOR=platform
+. "$repo/.ci/gpu_install.sh"
+export XLA_PYTHON_CLIENT_ALLOCATOR=platform
 # Odd shapes, every block size and format, group sizes with zeros and sums past M: small problems.
 select="odd_shapes or block_sizes or empty or grouped or masked or quantize or fine_grained or transpose or e5m2 or sm90_tile"
 status=0

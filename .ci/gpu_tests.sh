@@ -11,15 +11,7 @@ set -uo pipefail
 repo=$(pwd)
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-# Run from outside the checkout so that the installed package, not the source tree, is imported.
-rm -rf /tmp/tests /tmp/site && cp -r "$repo/tests" /tmp/tests
-cd /tmp
-if ls "$repo"/.whl/jax_fp8gemm-*cp312*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/site "$repo"/.whl/jax_fp8gemm-*cp312*.whl || exit 1
-else
-  echo "no wheel in .whl/: testing the jax_fp8gemm installed in this Python"
-fi
+. "$repo/.ci/gpu_install.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import jax, jax_fp8gemm as f; print('jax', jax.__version__, jax.devices(), 'cuda_built', f.cuda_built(), 'fp8', f.has_fp8_support())" | tee -a "$out/gpu.txt"
 python3 -m pytest /tmp/tests -q -m gpu -p no:cacheprovider --durations=10 "$@" 2>&1 | tee "$out/gpu_tests.log"

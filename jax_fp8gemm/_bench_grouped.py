@@ -86,6 +86,18 @@ def _dequant_x(qx, sx):
     return (qx.astype(F32) * s).astype(BF16)
 
 
+# The alternatives, the same for both layouts (their operands differ: see each prep).
+COMPETITORS = dict(
+    ragged_bf16=lambda x, w_kn, sizes: lax.ragged_dot(x, w_kn, sizes),
+    ragged_fp8=lambda qx, qw_kn, sizes: lax.ragged_dot(qx, qw_kn, sizes,
+                                                       preferred_element_type=BF16),
+    # [G, rows, K] x [G, N, K]: one batched FP8 GEMM over the padded (or masked) buffer.
+    padded=lambda qx, sx, qw, sw: jax.vmap(
+        lambda a, sa, b, sb: fg.fp8_gemm_fine_grained(a, b, sa, sb, b_layout="nk"))(
+            qx, sx, qw, sw),
+)
+
+
 def _contiguous_fns(sizes_np, padded_rows):
     """Functions of (x bf16 [M, K], w bf16 [G, N, K], sizes [G]) for each implementation;
     operands are prepared (quantized) outside the timed functions."""
@@ -102,12 +114,7 @@ def _contiguous_fns(sizes_np, padded_rows):
 
     fns = dict(
         ours=lambda qx, sx, qw, sw, sizes: fg.grouped_gemm(qx, qw, sx, sw, sizes, w_layout="nk"),
-        ragged_bf16=lambda x, w_kn, sizes: lax.ragged_dot(x, w_kn, sizes),
-        ragged_fp8=lambda qx, qw_kn, sizes: lax.ragged_dot(qx, qw_kn, sizes,
-                                                           preferred_element_type=BF16),
-        padded=lambda px, psx, qw, sw: jax.vmap(
-            lambda a, sa, b, sb: fg.fp8_gemm_fine_grained(a, b, sa, sb, b_layout="nk"))(
-                px, psx, qw, sw),
+        **COMPETITORS,
     )
     return prep, fns
 
@@ -138,12 +145,7 @@ def _masked_fns(groups, m_max):
     fns = dict(
         ours=lambda qx, sx, qw, sw, sizes: fg.grouped_gemm_masked(qx, sizes, qw, sx, sw,
                                                                   w_layout="nk"),
-        ragged_bf16=lambda x, w_kn, sizes: lax.ragged_dot(x, w_kn, sizes),
-        ragged_fp8=lambda qx, qw_kn, sizes: lax.ragged_dot(qx, qw_kn, sizes,
-                                                           preferred_element_type=BF16),
-        padded=lambda qx, sx, qw, sw: jax.vmap(
-            lambda a, sa, b, sb: fg.fp8_gemm_fine_grained(a, b, sa, sb, b_layout="nk"))(
-                qx, sx, qw, sw),
+        **COMPETITORS,
     )
     return prep, fns
 
