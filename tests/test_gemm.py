@@ -156,6 +156,26 @@ def test_every_sm90_tile(rng, monkeypatch, tile, block_size):
                    check_diff=False)
 
 
+# Row scales (the weight gradient's 1D1D form) run on their own tile list; 128-row tiles
+# leave 64-wide blocks to the 64-row ones (a forced shape that is not compiled is ignored).
+SM90_ROW_TILES = ["64x64", "64x128", "128x128"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [64, 128, 256])
+@pytest.mark.parametrize("tile", SM90_ROW_TILES)
+def test_every_sm90_row_scale_tile(rng, monkeypatch, tile, block_size):
+    device = gpu_device()
+    if device is None or not fg.has_fp8_support(device):
+        pytest.skip("needs the Hopper kernels")
+    monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
+    with jax.default_device(device):
+        check_gemm(device, rng, 300, 530, 528, "row", "nk", "float32", accumulate=True,
+                   block_size=block_size)
+        check_gemm(device, rng, 129, 200, 656, "row", "kn", "bfloat16", block_size=block_size,
+                   fmts=("e4m3", "e5m2"), check_diff=False)
+
+
 @pytest.mark.parametrize("fmts", [("e5m2", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e5m2")])
 @pytest.mark.parametrize("mode", ["tensor", "block", "row"])
 def test_e5m2_operands(device, rng, mode, fmts):

@@ -9,6 +9,7 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import reference
+from conftest import gpu_device
 from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, grouped_reference, on,
                      on_tensor_cores, randn,
                      reference_product, rows_in_groups)
@@ -226,6 +227,44 @@ def test_grouped_gemm_masked_per_group_scale_x(device, rng):
             ref[:masked_m[g]], absprod[:masked_m[g]] = reference_product(
                 np.asarray(qx[g, :masked_m[g]]), np.asarray(sx[g]), qw_nk[g], sw_nk[g], "tensor")
         assert_gemm_close(out[g], ref, absprod)
+
+
+# Every tile shape of the Hopper kernel (FP8GEMM_SM90_TILES), forced through
+# JAX_FP8GEMM_SM90_TILE: groups that start inside a tile, end one row past a tile, hold a
+# single row or nothing, and (masked) run past M_max.
+SM90_TILES = ["64x16", "64x32", "64x64", "64x128", "64x192", "128x128", "128x160", "128x192",
+              "256x128"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", SM90_TILES)
+def test_every_sm90_tile_grouped(rng, monkeypatch, tile):
+    device = gpu_device()
+    if device is None or not fg.has_fp8_support(device):
+        pytest.skip("needs the Hopper kernels")
+    monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
+    sizes = np.asarray([0, 130, 1, 257, 64, 7, 0], np.int32)  # sum 459 of 470 rows
+    args, ref_args = make_problem(device, rng, 470, len(sizes), "block", "nk")
+    qx, sx, qw, sw = args
+    out = fg.grouped_gemm(qx, qw, sx, sw, on(device, sizes), w_layout="nk", out_dtype=jnp.float32)
+    ref, absprod = grouped_reference(*ref_args, sizes, "block")
+    assert_gemm_close(out, ref, absprod)
+    assert (np.asarray(out)[459:] == 0).all()
+
+    m_max = 140
+    masked_m = np.asarray([0, 140, 1, 65, 200], np.int32)
+    x = on(device, randn(rng, (5, m_max, K)))
+    qx, sx = fg.quantize_fp8_fine_grained(x)
+    qw, sw, qw_nk, sw_nk = quantize_experts(on(device, randn(rng, (5, K, N))), "block", "kn")
+    out = fg.grouped_gemm_masked(qx, on(device, masked_m), qw, sx, sw)
+    for g in range(5):
+        rows = min(int(masked_m[g]), m_max)
+        ref, absprod = np.zeros((m_max, N)), np.zeros((m_max, N))
+        if rows:
+            ref[:rows], absprod[:rows] = reference_product(
+                np.asarray(qx[g, :rows]), np.asarray(sx[g, :rows]), qw_nk[g], sw_nk[g], "block")
+        assert_gemm_close(out[g], ref, absprod)
+        assert (np.asarray(out[g], np.float32)[rows:] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------

@@ -288,6 +288,8 @@ ffi::Error Grouped(cudaStream_t stream, bool masked, ffi::AnyBuffer x, ffi::AnyB
     FP8GEMM_RETURN_IF_ERROR(
         cuda_status(cudaMemsetAsync(op.out, 0, bytes, stream), "grouped output memset"));
   }
+  ffi::Error status;
+  if (sm90::grouped(op, stream, &status)) return status;
   const int64_t col_tiles = ceil_div(op.n, kTileN);
   if (masked) {
     const int64_t row_tiles = ceil_div(op.m, kTileM);

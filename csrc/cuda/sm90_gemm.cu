@@ -45,51 +45,71 @@ struct Tile {
   double speed;
 };
 
-int64_t rounds(int64_t m, int64_t n, const Tile& t, int sms) {
-  const int64_t tiles = ceil_div(m, int64_t(t.m)) * ceil_div(n, int64_t(t.n));
-  return ceil_div(tiles, int64_t(sms));
+// The tile shape for `groups` independent row ranges of about `rows` rows each (1 for a
+// dense GEMM) times N columns (docs/PERF.md has the measurements behind it). Up to 128 rows
+// per group the GEMM streams the weights from memory: the cost is what each SM reads,
+// rounds x (BLOCK_M + BLOCK_N) rows of K, so narrow tiles spread N over all SMs. Beyond, it
+// is compute-bound: the cost is rounds x tile area / mainloop speed, which trades the last
+// round's idle SMs against the faster wide tiles. Ties go to the earlier (larger) tile.
+// Row scales (the weight gradient) have their own, smaller list.
+bool compiled(const Tile& t, bool row_scales, int block) {
+  return tile_compiled(t.m, block, row_scales);
 }
 
-// The tile shape for an M x N output (docs/PERF.md has the measurements behind it). Up to
-// 128 rows the GEMM streams the weight from memory: the cost is what each SM reads,
-// rounds x (BLOCK_M + BLOCK_N) rows of K, so narrow tiles spread N over all SMs. Beyond,
-// it is compute-bound: the cost is rounds x tile area / mainloop speed, which trades the
-// last round's idle SMs against the faster wide tiles. Ties go to the larger tile.
-Tile choose_tile(int64_t m, int64_t n, int sms) {
+Tile choose_tile(int64_t rows, int64_t groups, int64_t n, bool row_scales, int block, int sms) {
   static constexpr Tile kSmallM[] = {{128, 128, 0}, {64, 192, 0}, {64, 128, 0}, {64, 64, 0},
                                      {64, 32, 0},   {64, 16, 0}};
   static constexpr Tile kLargeM[] = {{256, 128, 1.0}, {128, 192, 0.96}, {128, 128, 0.94},
                                      {128, 160, 0.91}};
+  static constexpr Tile kRowSmallM[] = {{128, 128, 0}, {64, 128, 0}, {64, 64, 0}};
+  static constexpr Tile kRowLargeM[] = {{128, 128, 0.94}, {64, 128, 0.8}};
+  const bool small = rows <= 128;
+  const Tile* first = row_scales ? (small ? kRowSmallM : kRowLargeM) : (small ? kSmallM : kLargeM);
+  const int count = row_scales ? (small ? 3 : 2) : (small ? 6 : 4);
   Tile best{0, 0, 0};
   double best_cost = 0;
-  if (m <= 128) {
-    for (const Tile& t : kSmallM) {
-      const double cost = double(rounds(m, n, t, sms)) * (t.m + t.n);
-      if (best.m == 0 || cost < best_cost) best = t, best_cost = cost;
-    }
-  } else {
-    for (const Tile& t : kLargeM) {
-      const double cost = double(rounds(m, n, t, sms)) * t.m * t.n / t.speed;
-      if (best.m == 0 || cost < best_cost) best = t, best_cost = cost;
-    }
+  for (const Tile* t = first; t != first + count; ++t) {
+    if (!compiled(*t, row_scales, block)) continue;
+    const int64_t tiles = groups * ceil_div(rows, int64_t(t->m)) * ceil_div(n, int64_t(t->n));
+    const double r = double(ceil_div(tiles, int64_t(sms)));
+    const double cost = small ? r * (t->m + t->n) : r * t->m * t->n / t->speed;
+    if (best.m == 0 || cost < best_cost) best = *t, best_cost = cost;
   }
   return best;
 }
 
 // JAX_FP8GEMM_SM90_TILE=<BLOCK_M>x<BLOCK_N> (one of FP8GEMM_SM90_TILES) forces a tile, for
-// tuning and for the tests that cover every tile; anything else is ignored.
-bool forced_tile(Tile* tile) {
+// tuning and for the tests that cover every tile; anything else, or a shape not compiled
+// for the problem's scales, is ignored.
+bool forced_tile(bool row_scales, int block, Tile* tile) {
   const char* env = std::getenv("JAX_FP8GEMM_SM90_TILE");
   int m = 0, n = 0;
   if (!env || std::sscanf(env, "%dx%d", &m, &n) != 2) return false;
-#define FP8GEMM_SM90_MATCH_TILE(BM, BN) \
-  if (m == BM && n == BN) {             \
-    *tile = {BM, BN, 0};                \
-    return true;                        \
+#define FP8GEMM_SM90_MATCH_TILE(BM, BN, ROW) \
+  if (m == BM && n == BN && row_scales == ROW) {   \
+    *tile = {BM, BN, 0};                           \
+    return compiled(*tile, row_scales, block);     \
   }
   FP8GEMM_SM90_TILES(FP8GEMM_SM90_MATCH_TILE)
 #undef FP8GEMM_SM90_MATCH_TILE
   return false;
+}
+
+// Runs the chosen (or forced) tile shape.
+ffi::Error run(const Operands& ops, const GemmParams& params, int64_t rows, int64_t groups,
+               bool row_scales, cudaStream_t stream) {
+  const int sms = device_info().sms;
+  Tile tile;
+  if (!forced_tile(row_scales, ops.block, &tile)) {
+    tile = choose_tile(rows, groups, params.n, row_scales, ops.block, sms);
+  }
+#define FP8GEMM_SM90_RUN_TILE(BM, BN, ROW)                               \
+  if (tile.m == BM && tile.n == BN && row_scales == ROW) {               \
+    return launch_tile<BM, BN, ROW>(ops, params, stream, sms);           \
+  }
+  FP8GEMM_SM90_TILES(FP8GEMM_SM90_RUN_TILE)
+#undef FP8GEMM_SM90_RUN_TILE
+  return ffi::Error::Internal("jax_fp8gemm: no Hopper tile compiled for the chosen shape");
 }
 
 }  // namespace
@@ -102,9 +122,8 @@ bool enabled() {
 
 bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* status) {
   const int64_t k = p.k_end;
-  if (!enabled() || mode == ScaleMode::kRow || p.k_begin != 0 ||
-      k % 16 != 0 || p.a.ld != k || p.b.ld != k || p.ldo != p.cols || p.rows == 0 ||
-      p.cols == 0 || k == 0) {
+  if (!enabled() || p.k_begin != 0 || k % 16 != 0 || p.a.ld != k || p.b.ld != k ||
+      p.ldo != p.cols || p.rows == 0 || p.cols == 0 || k == 0) {
     return false;
   }
   GemmParams params;
@@ -119,17 +138,44 @@ bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* sta
   params.out = p.out;
   params.c = p.c;
   params.out_f32 = p.out_type == OutType::kF32;
-  const int sms = device_info().sms;
-  Tile tile;
-  if (!forced_tile(&tile)) tile = choose_tile(p.rows, p.cols, sms);
-#define FP8GEMM_SM90_RUN_TILE(BM, BN)                                \
-  if (tile.m == BM && tile.n == BN) {                                \
-    *status = launch_tile<BM, BN>(p, params, stream, sms);           \
-    return true;                                                     \
+  const Operands ops{p.a.data, p.rows, p.b.data, p.cols, p.a.format, p.b.format,
+                     static_cast<int>(p.block)};
+  *status = run(ops, params, p.rows, 1, mode == ScaleMode::kRow, stream);
+  return true;
+}
+
+bool grouped(const GroupedOp& op, cudaStream_t stream, ffi::Error* status) {
+  const int64_t rows = op.batch * op.rows_per_batch();
+  const int64_t experts = op.weight_batch * op.groups;
+  if (!enabled() || op.mode == ScaleMode::kRow || op.k % 16 != 0 || op.k == 0 || rows == 0 ||
+      op.n == 0 || experts == 0) {
+    return false;
   }
-  FP8GEMM_SM90_TILES(FP8GEMM_SM90_RUN_TILE)
-#undef FP8GEMM_SM90_RUN_TILE
-  return false;  // unreachable: every chosen tile is compiled
+  const int64_t kb = ceil_div(op.k, op.block);
+  GemmParams params;
+  params.m = op.m;
+  params.n = op.n;
+  params.k = op.k;
+  params.sa = op.sx;
+  params.sb = op.sw;
+  params.sa_ld = kb;
+  params.sb_ld = kb;
+  params.tensor_scales = op.mode == ScaleMode::kTensor;
+  params.out = op.out;
+  params.c = nullptr;
+  params.out_f32 = op.out_type == OutType::kF32;
+  params.sizes = op.sizes;
+  params.masked = op.masked;
+  params.batch = op.batch;
+  params.groups = op.groups;
+  params.weight_batch = op.weight_batch;
+  params.sb_group_stride = ceil_div(op.n, op.block) * kb;
+  const Operands ops{op.x, rows, op.w, experts * op.n, op.fx, op.fw, static_cast<int>(op.block)};
+  // The tile is chosen for groups of the average size (contiguous) or of M_max (masked).
+  const int64_t groups = op.batch * op.groups;
+  const int64_t group_rows = op.masked ? op.m : ceil_div(op.m, op.groups);
+  *status = run(ops, params, group_rows, groups, false, stream);
+  return true;
 }
 
 }  // namespace fp8gemm::sm90

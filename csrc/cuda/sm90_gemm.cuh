@@ -5,8 +5,13 @@
 //
 // out[m, n] = sum_kb sa(m, kb) * sb(n, kb) * (a @ b^T over K block kb); a [M, K] and b [N, K]
 // K-major FP8. sa is [M, ceil(K/bs)] (row-major) or one per-tensor value; sb is
-// [ceil(N/bs), ceil(K/bs)] or one value. A producer warp copies each stage's scales into
+// [ceil(N/bs), ceil(K/bs)] (block scales), [N, ceil(K/bs)] (row scales, kRowB: the weight
+// gradient's 1D1D form) or one value. A producer warp copies each stage's scales into
 // shared memory beside its A and B tiles.
+//
+// The same kernel runs the M-grouped GEMMs of Mixture-of-Experts: the scheduler maps each
+// tile to a group (reading the group sizes on the device), a tile never crosses a group's
+// rows, and b's rows and scales are those of the group's expert (Scheduler below).
 #pragma once
 
 #include <cuda.h>
@@ -24,41 +29,159 @@ constexpr int kBlockK = 128;  // K per pipeline stage: one 128-byte swizzled row
 constexpr int kWgThreads = 128;
 
 struct GemmParams {
-  int64_t m, n, k;
-  const float* sa;     // [m, sa_ld] or a single value (tensor mode)
-  const float* sb;     // [ceil(n / block), sb_ld] or a single value
+  int64_t m, n, k;     // dense: a is [m, k]; grouped: m rows per batch entry (contiguous)
+                       // or per group (masked), see below
+  const float* sa;     // [rows, sa_ld] or a single value (tensor mode; one per group if grouped)
+  const float* sb;     // [ceil(n / block) or n, sb_ld] or a single value (per expert if grouped)
   int64_t sa_ld, sb_ld;
   bool tensor_scales;
-  void* out;           // [m, n], row-major
-  const float* c;      // optional float32 accumulator [m, n] (may alias out)
+  void* out;           // [rows, n], row-major
+  const float* c;      // optional float32 accumulator [m, n] (may alias out; dense only)
   bool out_f32;
+  // M-grouped (sizes != nullptr): a is x [batch * rows_per_batch, k] with the rows of
+  // group (b, g) at b * m + (sizes of the earlier groups) (contiguous) or at (b * groups +
+  // g) * m (masked: the first sizes[b, g] of them); b is w [weight_batch * groups * n, k].
+  const int32_t* sizes = nullptr;  // [batch, groups] on the device
+  bool masked = false;
+  int64_t batch = 1, groups = 1, weight_batch = 1;
+  int64_t sb_group_stride = 0;     // floats between two experts' block scales
+};
+
+// One output tile: rows [row0, row0 + rows) of a and out (rows <= BLOCK_M: the rest of the
+// tile lies past M or in the next group, and is computed but not stored), columns
+// [n0, n0 + BLOCK_N) of the expert whose rows of b start at b_row0 - n0.
+struct TileCoord {
+  int64_t row0;
+  int rows;
+  int64_t n0, b_row0;
+  const float* sa;  // tensor mode: the group's scale; else a's scales (global rows)
+  const float* sb;  // the expert's scales
+};
+
+__device__ __forceinline__ int64_t warp_inclusive_sum(int64_t v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int64_t u = __shfl_up_sync(~0u, v, d);
+    if (lane >= d) v += u;
+  }
+  return v;
+}
+
+// The groups of an M-grouped GEMM, in order, each with its row range and its number of
+// BLOCK_M-row tiles. find() walks them 32 at a time, one group per lane of the calling warp
+// (all 32 lanes must call it together), until the group holding row tile `mt`; the sizes
+// follow the library's policy (common/problem.h): negative counts as 0, rows past the end
+// are cut. Returns false, with *total the number of row tiles of all groups, past the last.
+template <int BLOCK_M>
+struct GroupWalk {
+  int64_t begin, rows;  // the group's rows of a and out: [begin, begin + rows)
+  int64_t first_tile;   // row tiles of all earlier groups
+  int64_t q;            // b * groups + g
+
+  __device__ static bool find(const GemmParams& p, int64_t mt, GroupWalk* out, int64_t* total) {
+    const int lane = threadIdx.x % 32;
+    // Contiguous groups start after the earlier groups of their batch entry (a segment);
+    // masked groups have fixed rows, so all of them form one segment.
+    const int64_t segments = p.masked ? 1 : p.batch;
+    const int64_t per_segment = p.masked ? p.batch * p.groups : p.groups;
+    int64_t tiles_before = 0;
+    for (int64_t seg = 0; seg < segments; ++seg) {
+      int64_t offset = 0;  // rows of the segment's earlier groups (uncut)
+      for (int64_t i0 = 0; i0 < per_segment; i0 += 32) {
+        const int64_t i = i0 + lane, q = seg * per_segment + i;
+        const bool in = i < per_segment;
+        const int64_t size = in ? max(__ldg(p.sizes + q), 0) : 0;
+        int64_t begin, rows;
+        if (p.masked) {
+          begin = q * p.m;
+          rows = min(size, p.m);
+        } else {
+          const int64_t end = offset + warp_inclusive_sum(size);
+          begin = min(end - size, p.m);
+          rows = min(end, p.m) - begin;
+          begin += seg * p.m;
+          offset = __shfl_sync(~0u, end, 31);
+        }
+        const int64_t tiles = (rows + BLOCK_M - 1) / BLOCK_M;
+        const int64_t tiles_end = tiles_before + warp_inclusive_sum(tiles);
+        const unsigned hit = __ballot_sync(~0u, in && mt < tiles_end);
+        if (hit) {
+          const int src = __ffs(hit) - 1;
+          out->begin = __shfl_sync(~0u, begin, src);
+          out->rows = __shfl_sync(~0u, rows, src);
+          out->first_tile = __shfl_sync(~0u, tiles_end - tiles, src);
+          out->q = __shfl_sync(~0u, q, src);
+          return true;
+        }
+        tiles_before = __shfl_sync(~0u, tiles_end, 31);
+      }
+    }
+    *total = tiles_before;
+    return false;
+  }
 };
 
 // Tile order: groups of kSwizzleN column blocks, walked M-major inside a group, so that the
-// CTAs running at one time share a few A row blocks and a few B column blocks in L2.
+// CTAs running at one time share a few A row blocks and a few B column blocks in L2. The
+// row blocks are the dense GEMM's, or the row tiles of all groups in order (a group's last
+// tile may be partial; the next group starts a new tile). Both the constructor and tile()
+// must be called by whole warps (the grouped walk is warp-cooperative).
 template <int BLOCK_M, int BLOCK_N>
-struct DenseScheduler {
+struct Scheduler {
   static constexpr int kSwizzleN = 16;
-  int64_t m_blocks, n_blocks;
+  int m_blocks, n_blocks;  // 32 bits: the math warps keep them through the mainloop
 
-  __host__ __device__ DenseScheduler(int64_t m, int64_t n)
-      : m_blocks(ceil_div(m, BLOCK_M)), n_blocks(ceil_div(n, BLOCK_N)) {}
+  // Dense only (the host sizes the grid with it).
+  __host__ __device__ static int64_t dense_tiles(int64_t m, int64_t n) {
+    return ceil_div(m, BLOCK_M) * ceil_div(n, BLOCK_N);
+  }
 
-  __host__ __device__ int64_t num_tiles() const { return m_blocks * n_blocks; }
+  __device__ explicit Scheduler(const GemmParams& p)
+      : n_blocks(static_cast<int>(ceil_div(p.n, BLOCK_N))) {
+    int64_t blocks = ceil_div(p.m, BLOCK_M);
+    if (p.sizes != nullptr) {
+      GroupWalk<BLOCK_M> unused;
+      GroupWalk<BLOCK_M>::find(p, INT64_MAX, &unused, &blocks);
+    }
+    m_blocks = static_cast<int>(blocks);
+  }
 
-  __device__ void tile(int64_t t, int64_t* m0, int64_t* n0) const {
-    const int64_t group = t / (kSwizzleN * m_blocks);
+  __device__ int64_t num_tiles() const { return int64_t(m_blocks) * n_blocks; }
+
+  __device__ TileCoord tile(const GemmParams& p, int64_t t) const {
+    const int64_t group = t / (int64_t(kSwizzleN) * m_blocks);
     const int64_t first_n = group * kSwizzleN;
     const int64_t width = min(int64_t(kSwizzleN), n_blocks - first_n);
     const int64_t local = t - group * kSwizzleN * m_blocks;
-    *m0 = local / width * BLOCK_M;
-    *n0 = (first_n + local % width) * BLOCK_N;
+    const int64_t mt = local / width;
+    TileCoord c;
+    c.n0 = (first_n + local % width) * BLOCK_N;
+    if (p.sizes == nullptr) {
+      c.row0 = mt * BLOCK_M;
+      c.rows = static_cast<int>(min(int64_t(BLOCK_M), p.m - c.row0));
+      c.b_row0 = c.n0;
+      c.sa = p.sa;
+      c.sb = p.sb;
+      return c;
+    }
+    GroupWalk<BLOCK_M> gw;
+    int64_t unused;
+    GroupWalk<BLOCK_M>::find(p, mt, &gw, &unused);  // mt < m_blocks: always found
+    const int64_t b = gw.q / p.groups, g = gw.q % p.groups;
+    const int64_t expert = (p.weight_batch == 1 ? 0 : b) * p.groups + g;
+    c.row0 = gw.begin + (mt - gw.first_tile) * BLOCK_M;
+    c.rows = static_cast<int>(min(int64_t(BLOCK_M), gw.begin + gw.rows - c.row0));
+    c.b_row0 = expert * p.n + c.n0;
+    c.sa = p.tensor_scales ? p.sa + gw.q : p.sa;
+    c.sb = p.tensor_scales ? p.sb + expert : p.sb + expert * p.sb_group_stride;
+    return c;
   }
 };
 
 constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
-template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock>
+template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, bool kRowB>
 struct SharedStorage {
   // K blocks of the scales per stage: two when blocks are 64 wide, else one (a 256-wide
   // block covers two stages; both load it, the second promotes).
@@ -66,20 +189,28 @@ struct SharedStorage {
   alignas(1024) uint8_t a[kStages][BLOCK_M * kBlockK];  // (BLOCK_M, 128) swizzled, per stage
   alignas(1024) uint8_t b[kStages][BLOCK_N * kBlockK];  // (BLOCK_N, 128) swizzled, per stage
   float sa[kStages][kSubs][BLOCK_M];  // a's scale of each tile row
-  float sb[kStages][kSubs][4];        // b's scales of the (at most three) column blocks spanned
+  // b's scales: of the (at most three) column blocks spanned, or of every column (kRowB)
+  float sb[kStages][kSubs][kRowB ? BLOCK_N : 4];
+  // Each math warp parks its tile's origin here through the mainloop (registers are full).
+  struct Origin {
+    int64_t row0, n0;
+    int rows;
+  } origin[8];
   uint64_t full[kStages];   // producer -> math: stage loaded (TMA bytes + 32 scale lanes)
   uint64_t empty[kStages];  // math -> producer: stage consumed
 };
 
-template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA, Fp8Format FB>
+template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, bool kRowB_, Fp8Format FA,
+          Fp8Format FB>
 struct GemmConfig {
+  static constexpr bool kRowB = kRowB_;  // b's scales per row (1D1D), not per 128 x 128 block
   // Each math warpgroup owns 64 rows per wave; a 256-row tile takes two waves of the two
   // warpgroups, so each B tile in smem feeds four 64-row wgmmas.
   static constexpr int kMathWGs = BLOCK_M >= 128 ? 2 : 1;
   static constexpr int kWaves = BLOCK_M / (64 * kMathWGs);
   static constexpr int kThreads = kWgThreads * (1 + kMathWGs);
   static constexpr int kAcc = BLOCK_N / 2;  // float accumulators per thread (m64nN)
-  using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock>;
+  using Storage = SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock, kRowB>;
   static constexpr int kSubs = Storage::kSubs;
   static constexpr int kStagesPerScale = kScaleBlock > kBlockK ? kScaleBlock / kBlockK : 1;
   // Stages summed in the partial accumulator before one promotion: a 256-wide block spans
@@ -92,8 +223,9 @@ struct GemmConfig {
   // Where a tile starts inside a column block of b's scales (n0 % kScaleBlock) decides which
   // accumulators take which scale. It is one of kScaleBlock / gcd values; the mainloop is
   // compiled once per value so that the choice is a compile-time constant, except when it
-  // cannot matter (a tile inside one block, or tiles aligned with blocks).
-  static constexpr bool kOneOffset = kScaleBlock % BLOCK_N == 0 || BLOCK_N % kScaleBlock == 0;
+  // cannot matter (a tile inside one block, tiles aligned with blocks, or row scales).
+  static constexpr bool kOneOffset =
+      kRowB || kScaleBlock % BLOCK_N == 0 || BLOCK_N % kScaleBlock == 0;
   static constexpr int kOffsetStep = kOneOffset ? kScaleBlock : gcd(BLOCK_N, kScaleBlock);
   // Producer registers go to the math warpgroups (setmaxnreg); totals stay within 64K.
   static constexpr int kProducerRegs = 40;
@@ -142,7 +274,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int64_t k_stages = ceil_div(p.k, kBlockK);
   const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
-  const DenseScheduler<BLOCK_M, BLOCK_N> sched(p.m, p.n);
+  const Scheduler<BLOCK_M, BLOCK_N> sched(p);  // every warp, whole (grouped: a walk)
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&map_a);
@@ -160,40 +292,51 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // warp 1 copies the stage's scales next to them (cp.async), so that the math
     // warpgroups read every scale from shared memory. ----
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (warp > 1 || (warp == 0 && lane != 0)) return;
+    if (warp > 1) return;
     int64_t it = 0;
     for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
-      int64_t m0, n0;
-      sched.tile(t, &m0, &n0);
-      const int64_t nb_first = n0 / kScaleBlock;
-      const int64_t nb_last = (min(n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
+      const TileCoord tc = sched.tile(p, t);
+      const int64_t nb_first = tc.n0 / kScaleBlock;
+      const int64_t nb_last = (min(tc.n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
       for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
         const int s = it % kStages;
-        mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
         if (warp == 0) {
-          mbar_arrive_expect_tx(&smem.full[s], Cfg::kStageBytes);
-          tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, m0);
-          tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, n0);
+          if (lane == 0) {
+            mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
+            mbar_arrive_expect_tx(&smem.full[s], Cfg::kStageBytes);
+            tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, tc.row0);
+            tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, tc.b_row0);
+          }
           continue;
         }
+        mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
 #pragma unroll
         for (int sub = 0; sub < kSubs; ++sub) {
           // A K tail can leave a 64-wide sub-block empty: its (clamped) scale is never used.
           const int64_t kb = min((ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock,
                                  sa_blocks - 1);
-          // Rows past M take the last row's scale: they are computed, never stored.
+          // Rows past the group's (or M's) end take its last row's scale, columns past N
+          // the last column's: they are computed, never stored.
 #pragma unroll
           for (int r = lane; r < BLOCK_M; r += 32) {
-            const int64_t row = min(m0 + r, p.m - 1);
-            cp_async_4(&smem.sa[s][sub][r], p.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
+            const int64_t row = tc.row0 + min(r, tc.rows - 1);
+            cp_async_4(&smem.sa[s][sub][r], tc.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
           }
-          if (lane < 3) {
+          if constexpr (Cfg::kRowB) {
+#pragma unroll
+            for (int c = lane; c < BLOCK_N; c += 32) {
+              const int64_t col = min(tc.n0 + c, p.n - 1);
+              cp_async_4(&smem.sb[s][sub][c], tc.sb + col * p.sb_ld + kb);
+            }
+          } else if (lane < 3) {
             const int64_t nb = min(nb_first + lane, nb_last);
-            cp_async_4(&smem.sb[s][sub][lane], p.sb + (p.tensor_scales ? 0 : nb * p.sb_ld + kb));
+            cp_async_4(&smem.sb[s][sub][lane],
+                       tc.sb + (p.tensor_scales ? 0 : nb * p.sb_ld + kb));
           }
         }
         cp_async_mbar_arrive(&smem.full[s]);
       }
+      __syncwarp();  // warp 0's idle lanes meet lane 0 before the next tile's walk
     }
     return;
   }
@@ -208,15 +351,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int64_t it = 0;
 
   for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
-    int64_t m0, n0;
-    sched.tile(t, &m0, &n0);
+    int scale_offset;
+    {
+      const TileCoord tc = sched.tile(p, t);
+      scale_offset = static_cast<int>(tc.n0 % kScaleBlock);
+      // The previous tile's epilogue has read the slot (program order, and the __syncwarp
+      // at the end of every tile).
+      if (lane == 0) smem.origin[wg * 4 + warp] = {tc.row0, tc.n0, tc.rows};
+    }
 #pragma unroll
     for (int w = 0; w < Cfg::kWaves; ++w)
 #pragma unroll
       for (int i = 0; i < Cfg::kAcc; ++i) acc[w][i] = 0.0f;
 
-    dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(
-        static_cast<int>(n0 % kScaleBlock), [&](auto offset) {
+    dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(scale_offset, [&](auto offset) {
           constexpr int kOffset = Cfg::kOneOffset ? 0 : decltype(offset)::value;
           for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
             const int s = it % kStages;
@@ -251,13 +399,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 wgmma_wait<0>();
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-                if (sub == kSubs - 1 && w == Cfg::kWaves - 1) {
-                  // The stage has been read. Every thread arrives: an arrive releases only
-                  // its own thread's reads of the scales (one arrive per warp after
-                  // __syncwarp left racecheck reporting the producer's next writes).
-                  mbar_arrive(&smem.empty[s]);
-                }
-                if (promote) {
+                // The stage has been read (row scales: after the promotion reads them). Every
+                // thread arrives: an arrive releases only its own thread's reads of the
+                // scales (one arrive per warp after __syncwarp left racecheck reporting the
+                // producer's next writes).
+                const bool release = sub == kSubs - 1 && w == Cfg::kWaves - 1;
+                if (release && !Cfg::kRowB) mbar_arrive(&smem.empty[s]);
+                if (promote && Cfg::kRowB) {
+                  // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
+                  // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
+                  const float* sb_cols = smem.sb[s][sub] + 2 * (lane % 4);
+#pragma unroll
+                  for (int i = 0; i < Cfg::kAcc; ++i) {
+                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb_cols[8 * (i / 4) + i % 2];
+                    acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+                  }
+                } else if (promote) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                   // column 8 * (i / 4) + 2 * (lane % 4) + i % 2; its b scale is that of
                   // the column block holding tile column 8 * (i / 4) (8-column groups never
@@ -273,19 +430,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
                   }
                 }
+                if (release && Cfg::kRowB) mbar_arrive(&smem.empty[s]);
               }
             }
           }
         });
 
     // Epilogue: registers straight to global memory, two columns per store.
+    __syncwarp();
+    const auto tc = smem.origin[wg * 4 + warp];
 #pragma unroll
     for (int w = 0; w < Cfg::kWaves; ++w) {
 #pragma unroll
       for (int i = 0; i < Cfg::kAcc; i += 2) {
-        const int64_t row = m0 + w * kWaveRows + row_in_wave + ((i % 4) >= 2 ? 8 : 0);
-        const int64_t col = n0 + 8 * (i / 4) + 2 * (lane % 4);
-        if (row >= p.m || col >= p.n) continue;
+        const int tile_row = w * kWaveRows + row_in_wave + ((i % 4) >= 2 ? 8 : 0);
+        const int64_t row = tc.row0 + tile_row;
+        const int64_t col = tc.n0 + 8 * (i / 4) + 2 * (lane % 4);
+        if (tile_row >= tc.rows || col >= p.n) continue;
         const int64_t idx = row * p.n + col;
         const bool pair = col + 1 < p.n && (p.n % 2 == 0);
         const float v0 = acc[w][i], v1 = acc[w][i + 1];
@@ -310,6 +471,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         }
       }
     }
+    __syncwarp();  // every lane has read the origin slot before lane 0 rewrites it
   }
 #endif
 }

@@ -13,7 +13,11 @@ namespace fp8gemm::sm90 {
 bool enabled();
 
 // Runs a dense GEMM on the Hopper kernel when it supports the problem (K a multiple of 16,
-// tensor or block scales); returns false, doing nothing, otherwise.
+// packed operands); returns false, doing nothing, otherwise.
 bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* status);
+
+// The same for an M-grouped GEMM (contiguous or masked). It writes the rows inside groups
+// only: the caller zeroes the others.
+bool grouped(const GroupedOp& op, cudaStream_t stream, ffi::Error* status);
 
 }  // namespace fp8gemm::sm90

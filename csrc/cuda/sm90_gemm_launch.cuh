@@ -17,13 +17,13 @@ constexpr int kMaxDevices = 64;
 constexpr int kMaxSmem = 232448;  // dynamic shared memory per block on sm_90 (227 KB)
 
 // The deepest pipeline (at most 8 stages) whose shared storage fits.
-template <int BLOCK_M, int BLOCK_N, int kScaleBlock, int kStages = 8>
+template <int BLOCK_M, int BLOCK_N, int kScaleBlock, bool kRowB, int kStages = 8>
 constexpr int max_stages() {
-  if constexpr (kStages <= 2 ||
-                sizeof(SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock>) <= kMaxSmem) {
+  if constexpr (kStages <= 2 || sizeof(SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock,
+                                                     kRowB>) <= kMaxSmem) {
     return kStages;
   } else {
-    return max_stages<BLOCK_M, BLOCK_N, kScaleBlock, kStages - 1>();
+    return max_stages<BLOCK_M, BLOCK_N, kScaleBlock, kRowB, kStages - 1>();
   }
 }
 
@@ -56,10 +56,21 @@ inline bool make_map(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BLOCK_M, int BLOCK_N, int kScaleBlock, Fp8Format FA, Fp8Format FB>
-ffi::Error launch(const Problem& pr, const GemmParams& params, cudaStream_t stream, int sms) {
-  constexpr int kStages = max_stages<BLOCK_M, BLOCK_N, kScaleBlock>();
-  using Cfg = GemmConfig<BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
+// The FP8 operands of one launch: a's and b's K-major rows (TMA maps cover a_rows and b_rows
+// rows; grouped GEMMs map every group's rows at once), their formats and scale block size.
+struct Operands {
+  const uint8_t* a;
+  int64_t a_rows;
+  const uint8_t* b;
+  int64_t b_rows;
+  Fp8Format fa, fb;
+  int block;
+};
+
+template <int BLOCK_M, int BLOCK_N, int kScaleBlock, bool kRowB, Fp8Format FA, Fp8Format FB>
+ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t stream, int sms) {
+  constexpr int kStages = max_stages<BLOCK_M, BLOCK_N, kScaleBlock, kRowB>();
+  using Cfg = GemmConfig<BLOCK_M, BLOCK_N, kStages, kScaleBlock, kRowB, FA, FB>;
   constexpr int kSmem = sizeof(typename Cfg::Storage);
   static_assert(kSmem <= kMaxSmem, "shared storage of the tile does not fit");
   auto kernel = sm90_fp8_gemm_kernel<Cfg, BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
@@ -74,49 +85,74 @@ ffi::Error launch(const Problem& pr, const GemmParams& params, cudaStream_t stre
     if (dev >= 0 && dev < kMaxDevices) configured[dev].store(true);
   }
   CUtensorMap map_a, map_b;
-  if (!make_map(&map_a, pr.a.data, params.m, params.k, BLOCK_M) ||
-      !make_map(&map_b, pr.b.data, params.n, params.k, BLOCK_N)) {
+  if (!make_map(&map_a, ops.a, ops.a_rows, params.k, BLOCK_M) ||
+      !make_map(&map_b, ops.b, ops.b_rows, params.k, BLOCK_N)) {
     return ffi::Error::Internal("jax_fp8gemm: cuTensorMapEncodeTiled failed");
   }
-  const int64_t tiles = DenseScheduler<BLOCK_M, BLOCK_N>(params.m, params.n).num_tiles();
+  // A grouped GEMM's tile count lives on the device (its group sizes): one CTA per SM.
+  const int64_t tiles = params.sizes != nullptr
+                            ? sms
+                            : Scheduler<BLOCK_M, BLOCK_N>::dense_tiles(params.m, params.n);
   const int grid = static_cast<int>(tiles < sms ? tiles : sms);
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map_a, map_b, params);
   return cuda::launch_status("sm90_fp8_gemm_kernel");
 }
 
-// Every scale block size and FP8 format pair of one tile shape.
-template <int BLOCK_M, int BLOCK_N>
-ffi::Error launch_tile(const Problem& pr, const GemmParams& params, cudaStream_t stream,
+// Whether a tile shape runs a scale block size: the combinations that would spill registers
+// (64-wide blocks promote twice per stage; row scales read a scale per column) are left out,
+// and the host chooses among the others.
+constexpr bool tile_compiled(int block_m, int block, bool row_b) {
+  if (row_b) return block_m == 64 || (block_m == 128 && block != 64);
+  return !(block_m == 256 && block == 64);
+}
+
+// Every scale block size and FP8 format pair of one tile shape; b's scales per block
+// (kRowB false: also per-tensor scaling) or per row.
+template <int BLOCK_M, int BLOCK_N, bool kRowB>
+ffi::Error launch_tile(const Operands& ops, const GemmParams& params, cudaStream_t stream,
                        int sms) {
   constexpr Fp8Format E4 = Fp8Format::kE4M3, E5 = Fp8Format::kE5M2;
-  const bool a4 = pr.a.format == E4, b4 = pr.b.format == E4;
+  const bool a4 = ops.fa == E4, b4 = ops.fb == E4;
   auto formats = [&](auto block) -> ffi::Error {
     constexpr int kBlock = decltype(block)::value;
-    if (a4 && b4) return launch<BLOCK_M, BLOCK_N, kBlock, E4, E4>(pr, params, stream, sms);
-    if (a4) return launch<BLOCK_M, BLOCK_N, kBlock, E4, E5>(pr, params, stream, sms);
-    if (b4) return launch<BLOCK_M, BLOCK_N, kBlock, E5, E4>(pr, params, stream, sms);
-    return launch<BLOCK_M, BLOCK_N, kBlock, E5, E5>(pr, params, stream, sms);
+    if constexpr (!tile_compiled(BLOCK_M, kBlock, kRowB)) {
+      return ffi::Error::Internal("jax_fp8gemm: Hopper tile not compiled for this block size");
+    } else if (a4 && b4) {
+      return launch<BLOCK_M, BLOCK_N, kBlock, kRowB, E4, E4>(ops, params, stream, sms);
+    } else if (a4) {
+      return launch<BLOCK_M, BLOCK_N, kBlock, kRowB, E4, E5>(ops, params, stream, sms);
+    } else if (b4) {
+      return launch<BLOCK_M, BLOCK_N, kBlock, kRowB, E5, E4>(ops, params, stream, sms);
+    } else {
+      return launch<BLOCK_M, BLOCK_N, kBlock, kRowB, E5, E5>(ops, params, stream, sms);
+    }
   };
-  switch (pr.block) {
+  switch (ops.block) {
     case 64: return formats(std::integral_constant<int, 64>{});
     case 256: return formats(std::integral_constant<int, 256>{});
     default: return formats(std::integral_constant<int, 128>{});
   }
 }
 
-// The tile shapes compiled into the library, X(BLOCK_M, BLOCK_N), one list per BLOCK_M:
-// sm90_tiles_<BLOCK_M>.cu instantiates its list, sm90_gemm.cu chooses among all of them.
-#define FP8GEMM_SM90_TILES_64(X) X(64, 16) X(64, 32) X(64, 64) X(64, 128) X(64, 192)
-#define FP8GEMM_SM90_TILES_128(X) X(128, 128) X(128, 160) X(128, 192)
-#define FP8GEMM_SM90_TILES_256(X) X(256, 128)
+// The tile shapes compiled into the library, X(BLOCK_M, BLOCK_N, kRowB), one list per
+// BLOCK_M: sm90_tiles_<BLOCK_M>.cu instantiates its list, sm90_gemm.cu chooses among all of
+// them. Tensor and block scales run on every shape; row scales (the weight gradient) on
+// three (tile_compiled has the exceptions).
+#define FP8GEMM_SM90_TILES_64(X) \
+  X(64, 16, false) X(64, 32, false) X(64, 64, false) X(64, 128, false) X(64, 192, false) \
+  X(64, 64, true) X(64, 128, true)
+#define FP8GEMM_SM90_TILES_128(X) \
+  X(128, 128, false) X(128, 160, false) X(128, 192, false) X(128, 128, true)
+#define FP8GEMM_SM90_TILES_256(X) X(256, 128, false)
 #define FP8GEMM_SM90_TILES(X) \
   FP8GEMM_SM90_TILES_64(X) FP8GEMM_SM90_TILES_128(X) FP8GEMM_SM90_TILES_256(X)
 
-#define FP8GEMM_SM90_DECLARE_TILE(BM, BN)                                                   \
-  extern template ffi::Error launch_tile<BM, BN>(const Problem&, const GemmParams&,       \
-                                                 cudaStream_t, int);
-#define FP8GEMM_SM90_INSTANTIATE_TILE(BM, BN)                                               \
-  template ffi::Error launch_tile<BM, BN>(const Problem&, const GemmParams&, cudaStream_t, int);
+#define FP8GEMM_SM90_DECLARE_TILE(BM, BN, ROW)                                       \
+  extern template ffi::Error launch_tile<BM, BN, ROW>(const Operands&, const GemmParams&, \
+                                                      cudaStream_t, int);
+#define FP8GEMM_SM90_INSTANTIATE_TILE(BM, BN, ROW)                                      \
+  template ffi::Error launch_tile<BM, BN, ROW>(const Operands&, const GemmParams&, \
+                                               cudaStream_t, int);
 
 FP8GEMM_SM90_TILES(FP8GEMM_SM90_DECLARE_TILE)
 
