@@ -1,6 +1,8 @@
-// Portable CUDA backend of the GEMM primitives: dense, grouped (contiguous and masked) and
-// k-grouped. Simple and correct rather than fast; evaluates the same Problems
-// (common/problem.h) as cpu/gemm_cpu.cc, with the same two-level accumulation.
+// CUDA handlers of the GEMM primitives: dense, grouped (contiguous and masked) and
+// k-grouped. On Hopper they first offer the call to the sm90 kernel (sm90_gemm.h); the
+// portable kernel below runs the rest. It is simple and correct rather than fast; it
+// evaluates the same Problems (common/problem.h) as cpu/gemm_cpu.cc, with the same
+// two-level accumulation.
 //
 // One kernel, portable_gemm_kernel<Tiles>, computes kTileM x kTileN output tiles of
 // Problems. The Tiles policy turns a flat tile index into (Problem, row0, col0) on the

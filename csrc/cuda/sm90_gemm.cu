@@ -1,4 +1,4 @@
-// Host side of the Hopper dense GEMM: when it applies, and which tile shape runs.
+// Host side of the Hopper GEMM (dense and grouped): when it applies, and which tile shape runs.
 #include "sm90_gemm.h"
 
 #include <cstdio>

@@ -1,5 +1,5 @@
-// Host side of one tile configuration of the Hopper dense GEMM: TMA descriptors, the
-// kernel's shared-memory limit, the launch. Each tile shape is compiled in its own
+// Host side of one tile configuration of the Hopper GEMM (dense and grouped): TMA
+// descriptors, the kernel's shared-memory limit, the launch. Each tile shape is compiled in its own
 // translation unit (sm90_tiles_<BLOCK_M>.cu) so that the build runs them in parallel;
 // sm90_gemm.cu chooses among them.
 #pragma once

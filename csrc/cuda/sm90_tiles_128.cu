@@ -1,4 +1,4 @@
-// The Hopper dense GEMM's tiles with BLOCK_M = 128 (see sm90_gemm_launch.cuh).
+// The Hopper GEMM's tiles with BLOCK_M = 128 (see sm90_gemm_launch.cuh).
 #include "sm90_gemm_launch.cuh"
 
 namespace fp8gemm::sm90 {
