@@ -3,6 +3,8 @@
     python -m jax_fp8gemm.bench dense [--quick] [--json PATH] [--png PATH] [--shapes ...]
     python -m jax_fp8gemm.bench grouped [--quick] [--json PATH] [--workloads ...]
                                         (jax_fp8gemm/_bench_grouped.py has its notes)
+    python -m jax_fp8gemm.bench train [--quick] [--json PATH] [--hidden ...]
+                                        (jax_fp8gemm/_bench_train.py has its notes)
 
 `dense` times, per shape and in one run:
 
@@ -1021,7 +1023,9 @@ def main(argv=None) -> int:
     from . import _bench_grouped  # (it imports this module)
 
     _bench_grouped.add_parser(sub)
-    # A `train` (fp8_matmul forward + backward) subcommand goes here.
+    from . import _bench_train
+
+    _bench_train.add_parser(sub)
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2

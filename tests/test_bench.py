@@ -52,3 +52,20 @@ def test_bench_dense_quick(tmp_path):
     for row in data["shapes"]:
         assert row["impls"]["ours_fg"]["tflops"] > 0
         assert row["calc_diff"]["ours_fg"] < 1e-3
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path):
+    stdout, data = run_bench(tmp_path, "train")
+    assert "FP8 speedup" in stdout and "of copy" in stdout
+    assert {row["kind"] for row in data["steps"]} == {"dense", "moe2"}
+    for row in data["steps"]:
+        for impl in ("fp8", "bf16"):
+            assert "error" not in row["impls"][impl], row["impls"][impl]
+            assert row["impls"][impl]["tflops"] > 0
+        # The FP8 step's gradients are the BF16 step's, up to FP8 rounding.
+        for name in ("dx", "dw1", "dw2"):
+            assert 0 < row["calc_diff"][name] < 1e-2, (row["name"], name, row["calc_diff"])
+    names = [q["name"] for q in data["quantize"]]
+    assert names[0].startswith("copy") and len(names) == 5
+    assert all(q["gbps"] > 0 for q in data["quantize"])
