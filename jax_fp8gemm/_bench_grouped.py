@@ -27,8 +27,6 @@ by calc_diff.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,9 +246,7 @@ def run_grouped(args):
     print(f"ours / ragged_dot BF16, geometric mean over the large contiguous workloads: "
           f"{B._fmt_ratio(B._geomean(ratios))}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=rows), f, indent=1, default=lambda o: None)
-        print(f"JSON written to {args.json}")
+        B.dump_json(args.json, dict(rows=rows))
     return 0
 
 
@@ -263,11 +259,5 @@ def add_parser(sub):
                    help="substrings of workload names to run (default: all)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--json", default="bench_grouped.json")
-    p.add_argument("--l2-bytes", type=float, default=200e6)
-    p.add_argument("--max-sets", type=int, default=8)
-    p.add_argument("--target-calls", type=int, default=32)
-    p.add_argument("--max-program-s", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    B.add_timing_args(p, max_sets=8, target_calls=32, max_program_s=0.05)
     p.set_defaults(func=run_grouped)

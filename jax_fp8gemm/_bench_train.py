@@ -28,8 +28,6 @@ same way.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,9 +201,7 @@ def run_train(args):
         for r in quant:
             print(f"{r['name']:<22}{B._fmt_us(r['s']):>12}{r['gbps']:>10.0f}{r['of_copy']:>10.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(steps=steps, quantize=quant), f, indent=1, default=lambda o: None)
-        print(f"JSON written to {args.json}")
+        B.dump_json(args.json, dict(steps=steps, quantize=quant))
     return 0
 
 
@@ -221,11 +217,5 @@ def add_parser(sub):
     p.add_argument("--quant-mb", type=float, default=256.0,
                    help="size of the quantization benchmark's input (0: skip it)")
     p.add_argument("--json", default="bench_train.json")
-    p.add_argument("--l2-bytes", type=float, default=200e6)
-    p.add_argument("--max-sets", type=int, default=4)
-    p.add_argument("--target-calls", type=int, default=8)
-    p.add_argument("--max-program-s", type=float, default=0.5)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    B.add_timing_args(p, max_sets=4, target_calls=8, max_program_s=0.5)
     p.set_defaults(func=run_train)

@@ -1000,18 +1000,31 @@ def _add_dense(sub):
     p.add_argument("--no-deepgemm", action="store_true", help="do not try DeepGEMM")
     p.add_argument("--deepgemm-timeout", type=float, default=480.0,
                    help="seconds for DeepGEMM's parallel kernel compilation (default 480)")
+    add_timing_args(p, max_sets=32, target_calls=64, max_program_s=0.05)
+    p.set_defaults(func=run_dense)
+
+
+def dump_json(path, data):
+    """Writes a subcommand's results (values JSON cannot hold become null)."""
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=lambda o: None)
+    print(f"JSON written to {path}")
+
+
+def add_timing_args(p, *, max_sets, target_calls, max_program_s):
+    """The Timer's options (and --seed), shared by every subcommand; defaults per subcommand."""
     p.add_argument("--l2-bytes", type=float, default=200e6,
                    help="bytes one round over the input sets moves at least (default 200e6)")
-    p.add_argument("--max-sets", type=int, default=32, help="input sets at most (default 32)")
-    p.add_argument("--target-calls", type=int, default=64,
-                   help="calls in the long timed program, at least (default 64)")
-    p.add_argument("--max-program-s", type=float, default=0.05,
-                   help="seconds the long program runs, about, at most (default 0.05)")
+    p.add_argument("--max-sets", type=int, default=max_sets,
+                   help=f"input sets at most (default {max_sets})")
+    p.add_argument("--target-calls", type=int, default=target_calls,
+                   help=f"calls in the long timed program, at least (default {target_calls})")
+    p.add_argument("--max-program-s", type=float, default=max_program_s,
+                   help=f"seconds the long program runs, about, at most (default {max_program_s})")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs (default 2; 1 quick)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs, the median is kept (default 7; 3 quick)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_dense)
 
 
 def main(argv=None) -> int:

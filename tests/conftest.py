@@ -27,6 +27,14 @@ def gpu_device():
     return devices[0] if devices else None
 
 
+def hopper_device():
+    """The GPU device when the Hopper kernels run on it; skips the test otherwise."""
+    device = gpu_device()
+    if device is None or not jax_fp8gemm.has_fp8_support(device):
+        pytest.skip("needs the Hopper kernels")
+    return device
+
+
 @pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def device(request):
     """Runs the test on one backend: inputs go there with jax.device_put, and everything

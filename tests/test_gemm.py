@@ -16,7 +16,7 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import reference
-from conftest import gpu_device, seed_of
+from conftest import hopper_device, seed_of
 from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, on, quantize_a, quantize_b,
                      randn, reference_product)
 
@@ -141,9 +141,7 @@ SM90_TILES = ["64x16", "64x32", "64x64", "64x128", "64x192", "128x128", "128x160
 @pytest.mark.parametrize("block_size", [64, 128, 256])
 @pytest.mark.parametrize("tile", SM90_TILES)
 def test_every_sm90_tile(rng, monkeypatch, tile, block_size):
-    device = gpu_device()
-    if device is None or not fg.has_fp8_support(device):
-        pytest.skip("needs the Hopper kernels")
+    device = hopper_device()
     monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
     # M and N cut the tiles and the scale blocks unevenly (N = 530 starts 160-wide tiles at
     # every offset inside a 128-wide block); K is a multiple of 16 with a tail in the last
@@ -165,9 +163,7 @@ SM90_ROW_TILES = ["64x64", "64x128", "128x128"]
 @pytest.mark.parametrize("block_size", [64, 128, 256])
 @pytest.mark.parametrize("tile", SM90_ROW_TILES)
 def test_every_sm90_row_scale_tile(rng, monkeypatch, tile, block_size):
-    device = gpu_device()
-    if device is None or not fg.has_fp8_support(device):
-        pytest.skip("needs the Hopper kernels")
+    device = hopper_device()
     monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
     with jax.default_device(device):
         check_gemm(device, rng, 300, 530, 528, "row", "nk", "float32", accumulate=True,

@@ -9,7 +9,7 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import reference
-from conftest import gpu_device
+from conftest import hopper_device
 from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, grouped_reference, on,
                      on_tensor_cores, randn,
                      reference_product, rows_in_groups)
@@ -239,9 +239,7 @@ SM90_TILES = ["64x16", "64x32", "64x64", "64x128", "64x192", "128x128", "128x160
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", SM90_TILES)
 def test_every_sm90_tile_grouped(rng, monkeypatch, tile):
-    device = gpu_device()
-    if device is None or not fg.has_fp8_support(device):
-        pytest.skip("needs the Hopper kernels")
+    device = hopper_device()
     monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
     sizes = np.asarray([0, 130, 1, 257, 64, 7, 0], np.int32)  # sum 459 of 470 rows
     args, ref_args = make_problem(device, rng, 470, len(sizes), "block", "nk")
