@@ -8,7 +8,8 @@ differentiable FP8 matmul for training, all as XLA FFI custom calls with CPU and
 from ._ffi import CUDA_BUILT as _CUDA_BUILT
 from .autodiff import Recipe, fp8_grouped_matmul, fp8_matmul
 from .gemm import fp8_gemm, fp8_gemm_fine_grained
-from .grouped import grouped_gemm, grouped_gemm_masked, grouped_gemm_moe
+from .grouped import (grouped_gemm, grouped_gemm_masked, grouped_gemm_moe, permute_tokens,
+                      unpermute_tokens)
 from .quantization import compute_scales, dequantize, quantize_fp8, quantize_fp8_fine_grained
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_masked",
     "grouped_gemm_moe",
+    "permute_tokens",
+    "unpermute_tokens",
     "fp8_matmul",
     "fp8_grouped_matmul",
     "Recipe",

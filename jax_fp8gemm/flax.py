@@ -41,6 +41,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from . import _dtypes
 from .autodiff import Recipe, fp8_grouped_matmul, fp8_matmul
 from .gemm import fp8_gemm, fp8_gemm_fine_grained
+from .grouped import permute_tokens, unpermute_tokens
 from .quantization import quantize_fp8, quantize_fp8_fine_grained
 
 __all__ = [
@@ -328,20 +329,13 @@ def moe_forward(x, router_kernel, w1, w2, *, top_k: int = 2, recipe: Recipe | No
     top_p, top_i = jax.lax.top_k(probs, top_k)                       # [T, k]
     top_w = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
 
-    expert = top_i.reshape(-1).astype(jnp.int32)                     # [T*k]
-    order = jnp.argsort(expert, stable=True)
-    token = order // top_k                                           # token of each sorted row
-    sizes = jnp.bincount(expert, length=e).astype(jnp.int32)         # [E]
-
     xc, w1c, w2c = linen_dtypes.promote_dtype(xt, w1, w2, dtype=dtype)
-    hid = fp8_grouped_matmul(xc[token], sizes, w1c, recipe)          # [T*k, 2F]
+    xs, sizes, order = permute_tokens(xc, top_i, e)                  # [T*k, H], [E]
+    hid = fp8_grouped_matmul(xs, sizes, w1c, recipe)                 # [T*k, 2F]
     hid = hid.astype(jnp.float32)
     act = (jax.nn.silu(hid[:, :f]) * hid[:, f:]).astype(xc.dtype)
     out = fp8_grouped_matmul(act, sizes, w2c, recipe)                # [T*k, H]
-    weight = top_w.reshape(-1)[order]
-    y = jax.ops.segment_sum(out.astype(jnp.float32) * weight[:, None], token,
-                            num_segments=t)
-    y = y.astype(xc.dtype).reshape(lead + (h,))
+    y = unpermute_tokens(out, order, top_w, t).reshape(lead + (h,))
 
     frac = sizes.astype(jnp.float32) / (t * top_k)
     aux = e * jnp.sum(frac * jnp.mean(probs, axis=0))

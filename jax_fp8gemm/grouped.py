@@ -19,7 +19,8 @@ from . import _dtypes
 from .primitives.grouped import grouped_contiguous, grouped_masked
 from .quantization import quantize_fp8_fine_grained
 
-__all__ = ["grouped_gemm", "grouped_gemm_masked", "grouped_gemm_moe"]
+__all__ = ["grouped_gemm", "grouped_gemm_masked", "grouped_gemm_moe", "permute_tokens",
+           "unpermute_tokens"]
 
 W_LAYOUTS = ("kn", "nk")
 
@@ -206,3 +207,60 @@ def _zero_tail(y, sizes):
     """Zeros the rows past the sum of the (clamped) group sizes."""
     total = jnp.minimum(jnp.sum(jnp.maximum(sizes, 0)), y.shape[0])
     return jnp.where(jnp.arange(y.shape[0])[:, None] < total, y, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Token permutation: from routed tokens to the contiguous layout of grouped_gemm and back.
+
+def permute_tokens(x, expert_ids, num_experts):
+    """Sorts token rows by expert, for a contiguous grouped GEMM.
+
+    x [T, H]; expert_ids [T] or [T, k] int (each token's experts, e.g. the indices of
+    lax.top_k over router probabilities). Returns (x_sorted [T*k, H], group_sizes [E] int32,
+    order [T*k] int32): row i of x_sorted is token order[i] // k, the rows of expert e are
+    contiguous and in token order, and group_sizes counts them. Ids outside
+    [0, num_experts) are dropped: their rows sort last, outside every group (grouped_gemm
+    returns zeros there, so unpermute_tokens adds nothing for them). Runs on the device
+    under jit; differentiable in x.
+    """
+    x = jnp.asarray(x)
+    ids = jnp.asarray(expert_ids)
+    if x.ndim != 2 or ids.ndim not in (1, 2) or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"permute_tokens takes x [T, H] and expert_ids [T] or [T, k]; got x "
+                         f"{x.shape}, expert_ids {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"expert_ids must be integers, got {ids.dtype}")
+    k = 1 if ids.ndim == 1 else ids.shape[1]
+    flat = ids.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    order = jnp.argsort(jnp.where(valid, flat, num_experts), stable=True).astype(jnp.int32)
+    sizes = jnp.bincount(jnp.where(valid, flat, num_experts), length=num_experts + 1)
+    return x[order // k], sizes[:num_experts].astype(jnp.int32), order
+
+
+def unpermute_tokens(y_sorted, order, weights=None, num_tokens=None):
+    """Inverse of permute_tokens: y[t] = sum over token t's k rows of weights[t, j] * row.
+
+    y_sorted [T*k, N] (a grouped GEMM's output on permute_tokens' rows); order from
+    permute_tokens; weights [T] or [T, k] (e.g. the renormalized routing probabilities;
+    None: 1). Sums in float32 and returns y_sorted's dtype, [num_tokens, N] (num_tokens
+    defaults to T*k / k with k from weights, else T*k). Rows of dropped ids (past the
+    groups) must be zeros, as every grouped GEMM here returns them. Differentiable in
+    y_sorted and weights.
+    """
+    y_sorted = jnp.asarray(y_sorted)
+    order = jnp.asarray(order)
+    if y_sorted.ndim != 2 or order.shape != (y_sorted.shape[0],):
+        raise ValueError(f"unpermute_tokens takes y_sorted [T*k, N] and order [T*k]; got "
+                         f"{y_sorted.shape} and {order.shape}")
+    k = 1 if weights is None or jnp.ndim(weights) == 1 else jnp.shape(weights)[1]
+    if num_tokens is None:
+        num_tokens = y_sorted.shape[0] // k
+    if num_tokens * k != y_sorted.shape[0]:
+        raise ValueError(f"y_sorted has {y_sorted.shape[0]} rows, expected num_tokens * k = "
+                         f"{num_tokens} * {k}")
+    rows = y_sorted.astype(jnp.float32)
+    if weights is not None:
+        rows = rows * jnp.asarray(weights, jnp.float32).reshape(-1)[order][:, None]
+    y = jax.ops.segment_sum(rows, order // k, num_segments=num_tokens)
+    return y.astype(y_sorted.dtype)

@@ -609,3 +609,15 @@ def test_grouped_primitive_rejects_row_scales():
     fails(ValueError, r"grouped GEMMs take 'tensor' or 'block' scales, got 'row'", bind,
           spec((1, 50, 256), E4M3), spec((1, G), I32), spec((1, G, 200, 256), E4M3),
           spec((1, 50, 2)), spec((1, G, 2, 2)))
+
+
+def test_token_permutation_checks():
+    x = jnp.zeros((4, 8))
+    with pytest.raises(ValueError, match=r"x \[T, H\]"):
+        fg.permute_tokens(x, jnp.zeros((5,), jnp.int32), 2)
+    with pytest.raises(TypeError, match="integers"):
+        fg.permute_tokens(x, jnp.zeros((4, 2)), 2)
+    with pytest.raises(ValueError, match="num_tokens"):
+        fg.unpermute_tokens(jnp.zeros((8, 3)), jnp.arange(8), jnp.ones((3, 2)), 3)
+    with pytest.raises(ValueError, match=r"y_sorted \[T\*k, N\] and order \[T\*k\]"):
+        fg.unpermute_tokens(jnp.zeros((8, 3)), jnp.arange(7))
