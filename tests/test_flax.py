@@ -120,18 +120,23 @@ def test_fp8_dense_trains_like_nn_dense(device):
     assert all(jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
 
 
-def test_train_step_calls_fp8_kernels():
-    """The lowered train step runs the FP8 FFI kernels: quantization and GEMMs."""
+def test_train_step_calls_fp8_kernels(device):
+    """The train step compiled for the device runs the FP8 FFI kernels (quantization and
+    GEMMs: on a GPU the CUDA handlers, the only lowering there) and nn.Dense's runs none."""
     x, y = regression_data(64)
     tx = optax.adam(5e-3)
     texts = {}
     for name, cls in (("fp8", FP8Dense), ("ref", nn.Dense)):
         model = MLP(cls)
         params = model.init(jax.random.key(0), x)
-        step = jax.jit(linen_train_step(model, tx))
-        texts[name] = step.lower(params, tx.init(params), x, y).as_text()
-    assert "jax_fp8gemm_gemm_v1" in texts["fp8"]
-    assert "jax_fp8gemm_quantize_block_v1" in texts["fp8"]
+        opt_state = tx.init(params)
+        compiled = jax.jit(linen_train_step(model, tx)).lower(params, opt_state, x, y).compile()
+        texts[name] = compiled.as_text()
+        new_params, _, loss = compiled(params, opt_state, x, y)
+        assert np.isfinite(float(loss))
+        assert {d for leaf in jax.tree_util.tree_leaves(new_params) for d in leaf.devices()} == {device}
+    assert 'custom_call_target="jax_fp8gemm_gemm_v1"' in texts["fp8"]
+    assert 'custom_call_target="jax_fp8gemm_quantize_block_v1"' in texts["fp8"]
     assert "jax_fp8gemm_" not in texts["ref"]
 
 
