@@ -288,9 +288,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   if (wg == Cfg::kMathWGs) {
-    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles by TMA;
-    // warp 1 copies the stage's scales next to them (cp.async), so that the math
-    // warpgroups read every scale from shared memory. ----
+    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles by TMA
+    // (the whole warp takes part in each tile's group walk); warp 1 copies the stage's
+    // scales next to them (cp.async), so that the math warpgroups read every scale from
+    // shared memory. ----
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (warp > 1) return;
     int64_t it = 0;
