@@ -45,6 +45,11 @@ struct Tile {
   double speed;
 };
 
+// Whether the tile shape runs the scales (sm90_gemm_launch.cuh leaves out what would spill).
+bool compiled(const Tile& t, bool row_scales, int block) {
+  return tile_compiled(t.m, block, row_scales);
+}
+
 // The tile shape for `groups` independent row ranges of about `rows` rows each (1 for a
 // dense GEMM) times N columns (docs/PERF.md has the measurements behind it). Up to 128 rows
 // per group the GEMM streams the weights from memory: the cost is what each SM reads,
@@ -52,16 +57,14 @@ struct Tile {
 // is compute-bound: the cost is rounds x tile area / mainloop speed, which trades the last
 // round's idle SMs against the faster wide tiles. Ties go to the earlier (larger) tile.
 // Row scales (the weight gradient) have their own, smaller list.
-bool compiled(const Tile& t, bool row_scales, int block) {
-  return tile_compiled(t.m, block, row_scales);
-}
-
 Tile choose_tile(int64_t rows, int64_t groups, int64_t n, bool row_scales, int block, int sms) {
   static constexpr Tile kSmallM[] = {{128, 128, 0}, {64, 192, 0}, {64, 128, 0}, {64, 64, 0},
                                      {64, 32, 0},   {64, 16, 0}};
   static constexpr Tile kLargeM[] = {{256, 128, 1.0}, {128, 192, 0.96}, {128, 128, 0.94},
                                      {128, 160, 0.91}};
   static constexpr Tile kRowSmallM[] = {{128, 128, 0}, {64, 128, 0}, {64, 64, 0}};
+  // 64x128's speed is an estimate (not measured): it runs when 128-row tiles are not
+  // compiled for the call (row scales in 64-wide blocks).
   static constexpr Tile kRowLargeM[] = {{128, 128, 0.94}, {64, 128, 0.8}};
   const bool small = rows <= 128;
   const Tile* first = row_scales ? (small ? kRowSmallM : kRowLargeM) : (small ? kSmallM : kLargeM);
