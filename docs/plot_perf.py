@@ -37,6 +37,11 @@ def number(cell):
     return float(np.mean(found)) if found else float("nan")
 
 
+def columns(head, rows, names):
+    """{legend name: the numbers of table column `key`} for (legend name, key) in names."""
+    return {name: [number(r[head.index(key)]) for r in rows] for name, key in names}
+
+
 def bars(ax, labels, series, title):
     x = np.arange(len(labels))
     width = 0.8 / len(series)
@@ -55,24 +60,22 @@ def main():
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
 
     head, rows = table_after(text, "### Kernel v5, JAX benchmark")
-    col = {name: head.index(name) for name in head}
     labels = [f"{r[0]}x{r[1]}x{r[2]}" for r in rows]
-    series = {name: [number(r[col[key]]) for r in rows] for name, key in (
+    series = columns(head, rows, (
         ("jax_fp8gemm (fine-grained)", "ours v5"),
         ("XLA FP8 dot (unscaled)", "XLA FP8 (cuBLASLt, unscaled)"),
         ("XLA BF16 dot", "XLA BF16"),
-        ("DeepGEMM (ANCHORS.md, other run)", "DeepGEMM (ANCHORS)"))}
+        ("DeepGEMM (ANCHORS.md, other run)", "DeepGEMM (ANCHORS)")))
     bars(left, labels, series, "Dense FP8 GEMM, DeepSeek-V3 shapes (H200)")
 
     head, rows = table_after(text, "## Grouped FP8 GEMM")
-    col = {name: head.index(name) for name in head}
     labels = [r[0].split(":")[0].replace("contiguous", "contig").replace(" x ", "x")
               .replace(", N ", " N").replace(", K ", " K") for r in rows]
-    series = {name: [number(r[col[key]]) for r in rows] for name, key in (
+    series = columns(head, rows, (
         ("jax_fp8gemm grouped", "ours"),
         ("padded batch (ours, vmap)", "padded (vmap of our GEMM)"),
         ("jax.lax.ragged_dot BF16", "ragged_dot BF16"),
-        ("DeepGEMM (ANCHORS.md, padded groups)", "DeepGEMM (ANCHORS)"))}
+        ("DeepGEMM (ANCHORS.md, padded groups)", "DeepGEMM (ANCHORS)")))
     bars(right, labels, series, "Grouped FP8 GEMM for MoE (H200)")
 
     fig.tight_layout()
