@@ -15,8 +15,10 @@
 //   3. portable_cast_tensor_kernel: q = fp8(x / scale[g]).
 // Blockwise: one warp (1 x block scales) or one CTA (block x block) per scale block reduces
 // the block's amax and then casts its values; nothing crosses blocks, so one launch. The
-// common case, 1 x block along rows whose length is a multiple of the block (activations
-// and gradients), has its own kernel with one vector load and one vector store per lane.
+// two 1 x block cases of training have their own kernels: along rows whose length is a
+// multiple of the block (activations and gradients: one vector load and store per lane),
+// and transposed (the weight gradient's operands: tiles staged in shared memory, so that
+// reads and writes both run along the contiguous axis).
 #include "../common/ops.h"
 #include "../common/bindings.h"
 #include "../handlers.h"
@@ -233,6 +235,60 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// 1 x kBlock scales along x's columns, transposed (x [rows, cols] -> q [cols, rows], the
+// weight gradient's operands): output row c is x's column c, quantized in blocks of kBlock
+// of x's rows. A CTA stages a tile of kBlock x-rows by kTileCols x-columns in shared
+// memory with coalesced row reads, each warp reduces and writes kTileCols / kWarps output
+// rows (four bytes per lane per store), so that both x and q are accessed along their
+// contiguous axes. Tails (rows past `rows`, columns past `cols`) are masked.
+constexpr int kTileCols = 32;
+
+template <InType T, int kBlock>
+__global__ void __launch_bounds__(kThreads) portable_quantize_cols_kernel(BlockArgs a) {
+  static_assert(kBlock % 128 == 0 || kBlock == 64, "four values per lane per store");
+  constexpr int kColsPerWarp = kTileCols / kWarps;
+  __shared__ float tile[kBlock][kTileCols + 1];  // odd pitch: column reads hit distinct banks
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row_tiles = a.scale_cols;  // = ceil(rows / kBlock)
+  const int64_t col_tiles = ceil_div(a.cols, int64_t{kTileCols});
+  for (int64_t task = blockIdx.x; task < a.tasks; task += gridDim.x) {
+    const int64_t b = task / (row_tiles * col_tiles);
+    const int64_t rt = task / col_tiles % row_tiles, ct = task % col_tiles;
+    const int64_t r0 = rt * kBlock, c0 = ct * kTileCols;
+    __syncthreads();  // the previous task's readers of `tile` are done
+    for (int rr = warp; rr < kBlock; rr += kWarps) {
+      const int64_t r = r0 + rr, c = c0 + lane;
+      tile[rr][lane] = (r < a.rows && c < a.cols)
+                           ? load_input<T>(a.x, (b * a.rows + r) * a.cols + c)
+                           : 0.0f;  // |0| never raises an amax
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
+      const int64_t c = c0 + j;  // the output row
+      if (c >= a.cols) break;    // uniform over the warp
+      uint32_t m = 0;
+#pragma unroll
+      for (int rr = lane; rr < kBlock; rr += 32) m = umax(m, abs_bits(tile[rr][j]));
+      const float s = scale_from_amax(bits_to_float(warp_max(m)), a.format);
+      if (lane == 0) a.scales[(b * a.out_rows + c) * a.scale_cols + rt] = s;
+      uint8_t* out = a.q + (b * a.out_rows + c) * a.out_cols + r0;
+      for (int e = 4 * lane; e < kBlock; e += 128) {
+        uint8_t v[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) v[t] = float_to_fp8(tile[e + t][j] / s, a.format);
+        const int64_t valid = a.rows - (r0 + e);  // output columns left in this row
+        if (valid >= 4 && a.out_cols % 4 == 0) {
+          *reinterpret_cast<uint32_t*>(out + e) =
+              v[0] | (v[1] << 8) | (v[2] << 16) | (uint32_t{v[3]} << 24);
+        } else {
+          for (int t = 0; t < 4 && t < valid; ++t) out[e + t] = v[t];
+        }
+      }
+    }
+  }
+}
+
 // Whether portable_quantize_rows_kernel applies (its vector accesses need 16-byte alignment).
 bool rows_kernel_applies(const QuantizeBlockOp& op) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
@@ -269,6 +325,17 @@ ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
               op.x, op.q, op.scales, a.tasks, op.format);
       }
       return launch_status("portable_quantize_rows_kernel");
+    }
+    if (op.block_rows == 1 && op.transpose) {
+      BlockArgs t = a;  // one task per tile of block_cols x-rows by kTileCols x-columns
+      t.tasks = op.batch * a.scale_cols * ceil_div(op.cols, int64_t{kTileCols});
+      const unsigned grid = grid_for(t.tasks);
+      switch (op.block_cols) {
+        case 64: portable_quantize_cols_kernel<T, 64><<<grid, kThreads, 0, stream>>>(t); break;
+        case 256: portable_quantize_cols_kernel<T, 256><<<grid, kThreads, 0, stream>>>(t); break;
+        default: portable_quantize_cols_kernel<T, 128><<<grid, kThreads, 0, stream>>>(t);
+      }
+      return launch_status("portable_quantize_cols_kernel");
     }
     if (op.block_rows == 1) {
       portable_quantize_block_kernel<T, 1>
