@@ -14,7 +14,11 @@
 //   2. portable_scale_kernel: one thread per row turns them into the scale, in place;
 //   3. portable_cast_tensor_kernel: q = fp8(x / scale[g]).
 // Blockwise: one warp (1 x block scales) or one CTA (block x block) per scale block reduces
-// the block's amax and then casts its values; nothing crosses blocks, so one launch.
+// the block's amax and then casts its values; nothing crosses blocks, so one launch. The
+// two 1 x block cases of training have their own kernels: along rows whose length is a
+// multiple of the block (activations and gradients: one vector load and store per lane),
+// and transposed (the weight gradient's operands: tiles staged in shared memory, so that
+// reads and writes both run along the contiguous axis).
 #include "../common/ops.h"
 #include "../common/bindings.h"
 #include "../handlers.h"
@@ -182,6 +186,116 @@ __global__ void __launch_bounds__(kThreads) portable_quantize_block_kernel(Block
   }
 }
 
+// 1 x kBlock scales along x's rows, not transposed, every row a whole number of blocks: the
+// blocks are consecutive kBlock-value runs of the flat array, scale b belongs to run b, and
+// one warp quantizes a run with kBlock / 32 values per lane, read and written as one
+// vector each. Each warp keeps two runs in flight (the loads of both before either's
+// reduction) so that enough bytes are in flight to stream at the copy bandwidth.
+template <InType T, int kBlock>
+__global__ void __launch_bounds__(kThreads)
+    portable_quantize_rows_kernel(const void* x, uint8_t* q, float* scales, int64_t blocks,
+                                  Fp8Format format) {
+  constexpr int kValues = kBlock / 32;
+  constexpr int kUnroll = 2;
+  using Elem = std::conditional_t<T == InType::kF32, float, uint16_t>;
+  struct alignas(kValues * sizeof(Elem)) In {
+    Elem v[kValues];
+  };
+  struct alignas(kValues) Out {
+    uint8_t v[kValues];
+  };
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * kWarps;
+  const int64_t first = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+  for (int64_t b0 = first; b0 < blocks; b0 += kUnroll * warps) {
+    In in[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t b = b0 + u * warps;
+      if (b < blocks) in[u] = static_cast<const In*>(x)[b * 32 + lane];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t b = b0 + u * warps;
+      if (b >= blocks) break;  // uniform over the warp
+      float v[kValues];
+      uint32_t m = 0;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) {
+        v[i] = load_input<T>(in[u].v, i);
+        m = umax(m, abs_bits(v[i]));
+      }
+      const float s = scale_from_amax(bits_to_float(warp_max(m)), format);
+      if (lane == 0) scales[b] = s;
+      Out out;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) out.v[i] = float_to_fp8(v[i] / s, format);
+      reinterpret_cast<Out*>(q)[b * 32 + lane] = out;
+    }
+  }
+}
+
+// 1 x kBlock scales along x's columns, transposed (x [rows, cols] -> q [cols, rows], the
+// weight gradient's operands): output row c is x's column c, quantized in blocks of kBlock
+// of x's rows. A CTA stages a tile of kBlock x-rows by kTileCols x-columns in shared
+// memory with coalesced row reads, each warp reduces and writes kTileCols / kWarps output
+// rows (four bytes per lane per store), so that both x and q are accessed along their
+// contiguous axes. Tails (rows past `rows`, columns past `cols`) are masked.
+constexpr int kTileCols = 32;
+
+template <InType T, int kBlock>
+__global__ void __launch_bounds__(kThreads) portable_quantize_cols_kernel(BlockArgs a) {
+  static_assert(kBlock % 128 == 0 || kBlock == 64, "four values per lane per store");
+  constexpr int kColsPerWarp = kTileCols / kWarps;
+  __shared__ float tile[kBlock][kTileCols + 1];  // odd pitch: column reads hit distinct banks
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row_tiles = a.scale_cols;  // = ceil(rows / kBlock)
+  const int64_t col_tiles = ceil_div(a.cols, int64_t{kTileCols});
+  for (int64_t task = blockIdx.x; task < a.tasks; task += gridDim.x) {
+    const int64_t b = task / (row_tiles * col_tiles);
+    const int64_t rt = task / col_tiles % row_tiles, ct = task % col_tiles;
+    const int64_t r0 = rt * kBlock, c0 = ct * kTileCols;
+    __syncthreads();  // the previous task's readers of `tile` are done
+    for (int rr = warp; rr < kBlock; rr += kWarps) {
+      const int64_t r = r0 + rr, c = c0 + lane;
+      tile[rr][lane] = (r < a.rows && c < a.cols)
+                           ? load_input<T>(a.x, (b * a.rows + r) * a.cols + c)
+                           : 0.0f;  // |0| never raises an amax
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
+      const int64_t c = c0 + j;  // the output row
+      if (c >= a.cols) break;    // uniform over the warp
+      uint32_t m = 0;
+#pragma unroll
+      for (int rr = lane; rr < kBlock; rr += 32) m = umax(m, abs_bits(tile[rr][j]));
+      const float s = scale_from_amax(bits_to_float(warp_max(m)), a.format);
+      if (lane == 0) a.scales[(b * a.out_rows + c) * a.scale_cols + rt] = s;
+      uint8_t* out = a.q + (b * a.out_rows + c) * a.out_cols + r0;
+      for (int e = 4 * lane; e < kBlock; e += 128) {
+        uint8_t v[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) v[t] = float_to_fp8(tile[e + t][j] / s, a.format);
+        const int64_t valid = a.rows - (r0 + e);  // output columns left in this row
+        if (valid >= 4 && a.out_cols % 4 == 0) {
+          *reinterpret_cast<uint32_t*>(out + e) =
+              v[0] | (v[1] << 8) | (v[2] << 16) | (uint32_t{v[3]} << 24);
+        } else {
+          for (int t = 0; t < 4 && t < valid; ++t) out[e + t] = v[t];
+        }
+      }
+    }
+  }
+}
+
+// Whether portable_quantize_rows_kernel applies (its vector accesses need 16-byte alignment).
+bool rows_kernel_applies(const QuantizeBlockOp& op) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return op.block_rows == 1 && !op.transpose && op.cols % op.block_cols == 0 &&
+         aligned(op.x) && aligned(op.q);
+}
+
 ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
                              ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scales,
                              int64_t block_rows, int64_t block_cols, bool transpose) {
@@ -195,6 +309,34 @@ ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
   if (a.tasks == 0) return ffi::Error::Success();
   return dispatch_input(op.x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
+    if (rows_kernel_applies(op)) {
+      const unsigned grid = grid_for(ceil_div(a.tasks, kWarps));
+      switch (op.block_cols) {
+        case 64:
+          portable_quantize_rows_kernel<T, 64><<<grid, kThreads, 0, stream>>>(
+              op.x, op.q, op.scales, a.tasks, op.format);
+          break;
+        case 256:
+          portable_quantize_rows_kernel<T, 256><<<grid, kThreads, 0, stream>>>(
+              op.x, op.q, op.scales, a.tasks, op.format);
+          break;
+        default:
+          portable_quantize_rows_kernel<T, 128><<<grid, kThreads, 0, stream>>>(
+              op.x, op.q, op.scales, a.tasks, op.format);
+      }
+      return launch_status("portable_quantize_rows_kernel");
+    }
+    if (op.block_rows == 1 && op.transpose) {
+      BlockArgs t = a;  // one task per tile of block_cols x-rows by kTileCols x-columns
+      t.tasks = op.batch * a.scale_cols * ceil_div(op.cols, int64_t{kTileCols});
+      const unsigned grid = grid_for(t.tasks);
+      switch (op.block_cols) {
+        case 64: portable_quantize_cols_kernel<T, 64><<<grid, kThreads, 0, stream>>>(t); break;
+        case 256: portable_quantize_cols_kernel<T, 256><<<grid, kThreads, 0, stream>>>(t); break;
+        default: portable_quantize_cols_kernel<T, 128><<<grid, kThreads, 0, stream>>>(t);
+      }
+      return launch_status("portable_quantize_cols_kernel");
+    }
     if (op.block_rows == 1) {
       portable_quantize_block_kernel<T, 1>
           <<<grid_for(ceil_div(a.tasks, kWarps)), kThreads, 0, stream>>>(a);
