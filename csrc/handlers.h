@@ -7,6 +7,7 @@
 #define FP8GEMM_FOR_EACH_OP(X) \
   X(quantize_tensor)           \
   X(quantize_block)            \
+  X(quantize_dual)             \
   X(gemm)                      \
   X(grouped_contiguous)        \
   X(grouped_masked)            \

@@ -10,7 +10,8 @@ from .autodiff import Recipe, fp8_grouped_matmul, fp8_matmul
 from .gemm import fp8_gemm, fp8_gemm_fine_grained
 from .grouped import (grouped_gemm, grouped_gemm_masked, grouped_gemm_moe, permute_tokens,
                       unpermute_tokens)
-from .quantization import compute_scales, dequantize, quantize_fp8, quantize_fp8_fine_grained
+from .quantization import (compute_scales, dequantize, quantize_fp8, quantize_fp8_fine_grained,
+                           quantize_fp8_with_transpose)
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "cuda_built",
     "quantize_fp8",
     "quantize_fp8_fine_grained",
+    "quantize_fp8_with_transpose",
     "compute_scales",
     "dequantize",
     "fp8_gemm",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from . import _dtypes
 from .primitives.gemm import gemm
 from .primitives.grouped import grouped_contiguous, grouped_kgrouped
-from .primitives.quantize import quantize_block, quantize_tensor
+from .primitives.quantize import quantize_block, quantize_dual, quantize_tensor
 
 __all__ = ["Recipe", "fp8_matmul", "fp8_grouped_matmul"]
 
@@ -79,6 +79,12 @@ def _rows_t(x, dtype, bs):
     return q[0], s[0]
 
 
+def _dual(x, dtype, bs):
+    """x [R, C] -> _rows(x), _rows_t(x) from one read of x (a fused kernel)."""
+    q, s, qt, st = quantize_dual(x[None], _dtypes.fp8_dtype(dtype), bs)
+    return (q[0], s[0]), (qt[0], st[0])
+
+
 def _tensor(x, dtype):
     q, s = quantize_tensor(x.reshape(1, -1), _dtypes.fp8_dtype(dtype))
     return q.reshape(x.shape), s
@@ -111,11 +117,11 @@ def _matmul(x, w, recipe, w_dtype):
 def _matmul_fwd(x, w, recipe, w_dtype):
     bs, out = recipe.block_size, _gemm_out(x.dtype)
     if recipe.fine:
-        qx, sx = _rows(x, recipe.fwd_dtype, bs)
+        # x^T [K, M] is saved for the weight gradient.
+        (qx, sx), saved_x = _dual(x, recipe.fwd_dtype, bs)
         qw, sw = quantize_block(w[None], _dtypes.fp8_dtype(recipe.fwd_dtype), bs, bs)
         qw, sw = qw[0], sw[0]  # [K, N], [K/bs, N/bs]
         y = gemm(qx, qw.T, sx, sw.T, scale_mode="block", block_size=bs, out_dtype=out)
-        saved_x = _rows_t(x, recipe.fwd_dtype, bs)  # [K, M] for the weight gradient
     else:
         qx, sx = _tensor(x, recipe.fwd_dtype)
         qw, sw = _tensor(w, recipe.fwd_dtype)
@@ -136,9 +142,9 @@ def _matmul_bwd(recipe, w_dtype, res, dy):
         return dx.astype(x_dtype), dw.astype(w_dtype)
     bs = recipe.block_size
     if recipe.fine:
-        qdy, sdy = _rows(dy, recipe.bwd_dtype, bs)            # [M, N], [M, N/bs]
+        # [M, N], [M, N/bs] and [N, M], [N, M/bs]
+        (qdy, sdy), (qdyt, sdyt) = _dual(dy, recipe.bwd_dtype, bs)
         dx = gemm(qdy, qw, sdy, sw, scale_mode="block", block_size=bs, out_dtype=_gemm_out(x_dtype))
-        qdyt, sdyt = _rows_t(dy, recipe.bwd_dtype, bs)        # [N, M], [N, M/bs]
         dw = gemm(qxt, qdyt, sxt, sdyt, scale_mode="row", block_size=bs, out_dtype=jnp.float32)
     else:
         qdy, sdy = _tensor(dy, recipe.bwd_dtype)
@@ -191,20 +197,23 @@ def _grouped_fwd(x, sizes, w, recipe, w_dtype):
     bs, out = recipe.block_size, _gemm_out(x.dtype)
     mode = "block" if recipe.fine else "tensor"
     qw, sw = _quantize_experts(w, recipe)
+    # The weight gradient reads x^T quantized 1 x bs along the tokens, whatever the scaling.
     if recipe.fine:
-        qx, sx = _rows(x, recipe.fwd_dtype, bs)
+        (qx, sx), saved_x = _dual(x, recipe.fwd_dtype, bs)
         sw_nk = jnp.swapaxes(sw, 1, 2)
     else:
         qx, sx = _tensor(x, recipe.fwd_dtype)
         sx, sw_nk = jnp.broadcast_to(sx, (w.shape[0],)), sw
+        saved_x = _rows_t(x, recipe.fwd_dtype, bs)
     y = grouped_contiguous(qx[None], sizes[None], jnp.swapaxes(qw, 1, 2)[None], sx[None],
                            sw_nk[None], scale_mode=mode, block_size=bs, out_dtype=out)[0]
-    res = (x, sizes, (qw, sw), w if recipe.backward == "bf16" else None)
+    bf16_bwd = recipe.backward == "bf16"
+    res = (x if bf16_bwd else None, saved_x, sizes, (qw, sw), w if bf16_bwd else None)
     return y.astype(x.dtype), res
 
 
 def _grouped_bwd(recipe, w_dtype, res, dy):
-    x, sizes, (qw, sw), w = res
+    x, (qxt, sxt), sizes, (qw, sw), w = res
     g = qw.shape[0]
     if recipe.backward == "bf16":
         bf = jnp.bfloat16
@@ -212,22 +221,21 @@ def _grouped_bwd(recipe, w_dtype, res, dy):
                                 preferred_element_type=jnp.float32)
         dw = _ragged_wgrad(x.astype(bf), dy.astype(bf), sizes, g)
         return dx.astype(x.dtype), None, dw.astype(w_dtype)
-    bs = recipe.block_size
+    bs, x_dtype = recipe.block_size, dy.dtype  # y, and so dy, has x's dtype
     if recipe.fine:
-        qdy, sdy = _rows(dy, recipe.bwd_dtype, bs)
+        (qdy, sdy), (qdyt, sdyt) = _dual(dy, recipe.bwd_dtype, bs)
         mode = "block"
     else:
         qdy, sdy = _tensor(dy, recipe.bwd_dtype)
         sdy, mode = jnp.broadcast_to(sdy, (g,)), "tensor"
+        qdyt, sdyt = _rows_t(dy, recipe.bwd_dtype, bs)
     # dgrad: dx[rows of g] = dy[rows of g] @ w[g]^T; w[g] [K, N] is already K-major for it.
     dx = grouped_contiguous(qdy[None], sizes[None], qw[None], sdy[None], sw[None],
-                            scale_mode=mode, block_size=bs, out_dtype=_gemm_out(x.dtype))[0]
+                            scale_mode=mode, block_size=bs, out_dtype=_gemm_out(x_dtype))[0]
     # wgrad: dw[g] = x[rows of g]^T @ dy[rows of g], k-grouped over the token axis.
-    qxt, sxt = _rows_t(x, recipe.fwd_dtype, bs)
-    qdyt, sdyt = _rows_t(dy, recipe.bwd_dtype, bs)
     dw = grouped_kgrouped(qxt[None], qdyt[None], sizes[None], sxt[None], sdyt[None],
                           block_size=bs)[0]
-    return dx.astype(x.dtype), None, dw.astype(w_dtype)
+    return dx.astype(x_dtype), None, dw.astype(w_dtype)
 
 
 def _ragged_wgrad(x, dy, sizes, groups):

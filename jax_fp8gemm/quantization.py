@@ -1,8 +1,9 @@
 """Quantization to FP8: per-tensor and fine-grained (blockwise) scaling.
 
 Every function returns FP8 values `q` and float32 `scale(s)` with x ~= q * scale, where
-a block's scale = max(amax(|x|), 1e-12) / max_finite(dtype) and q = x / scale rounded to
-nearest even and saturated to the format's finite range. inf/NaN policy: a NaN or inf in
+a block's scale = max(amax(|x|), 1e-12) / max_finite(dtype) and q = x * (max_finite(dtype) /
+max(amax(|x|), 1e-12)) (one float32 reciprocal per block, as DeepGEMM's x * (448 / amax))
+rounded to nearest even and saturated to the format's finite range. inf/NaN policy: a NaN or inf in
 a block makes that block's scale NaN or inf, and every value dequantized from the block
 (and every GEMM output that reads it) NaN; other blocks are unaffected.
 """
@@ -14,9 +15,10 @@ import math
 import jax.numpy as jnp
 
 from . import _dtypes
-from .primitives.quantize import quantize_block, quantize_tensor
+from .primitives.quantize import quantize_block, quantize_dual, quantize_tensor
 
-__all__ = ["quantize_fp8", "quantize_fp8_fine_grained", "compute_scales", "dequantize"]
+__all__ = ["quantize_fp8", "quantize_fp8_fine_grained", "quantize_fp8_with_transpose",
+           "compute_scales", "dequantize"]
 
 
 def quantize_fp8(x, dtype="e4m3"):
@@ -72,6 +74,23 @@ def quantize_fp8_fine_grained(x, block_size=128, dtype="e4m3", *, block_shape=No
     x3 = x.reshape((math.prod(lead),) + x.shape[-2:])
     q, s = quantize_block(x3, fp8, rows_b, cols_b, transpose)
     return q.reshape(lead + q.shape[1:]), s.reshape(lead + s.shape[1:])
+
+
+def quantize_fp8_with_transpose(x, block_size=128, dtype="e4m3"):
+    """Both 1 x block_size layouts of x [..., M, K] from one read of x (what FP8 training
+    needs of every activation and output gradient): returns (x_fp8, scales, xt_fp8,
+    scales_t), where (x_fp8, scales) equals quantize_fp8_fine_grained(x, block_size, dtype)
+    and (xt_fp8 [..., K, M], scales_t [..., K, ceil(M / block_size)]) equals it with
+    transpose=True, bit for bit.
+    """
+    bs = _dtypes.block_size(block_size)
+    fp8 = _dtypes.fp8_dtype(dtype)
+    x = _dtypes.float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions, got shape {x.shape}")
+    lead = x.shape[:-2]
+    outs = quantize_dual(x.reshape((math.prod(lead),) + x.shape[-2:]), fp8, bs)
+    return tuple(o.reshape(lead + o.shape[1:]) for o in outs)
 
 
 def compute_scales(x, block_size=128, dtype="e4m3", *, block_shape=None):

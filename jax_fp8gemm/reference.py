@@ -21,11 +21,14 @@ def _fmt(dtype):
     return FP8[name[np.dtype(dtype)]]
 
 
-def _cast(x32, scale, dtype):
-    """x / scale, rounded to nearest even, saturated to the finite range."""
+def _cast(x32, amax, dtype):
+    """x * (max_finite / max(amax, floor)), rounded to nearest even, saturated to the finite
+    range."""
     t, mx = _fmt(dtype)
+    amax = np.asarray(amax, np.float32)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        v = (x32 / scale).astype(np.float32)
+        inv = np.float32(mx) / np.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)
+        v = (x32 * inv).astype(np.float32)
     return np.clip(v, -mx, mx).astype(t)  # clip keeps NaN
 
 
@@ -42,8 +45,8 @@ def _amax(x32, axis=None, keepdims=False):
 
 def quantize_tensor(x, dtype="e4m3"):
     x32 = np.asarray(x, np.float32)
-    s = _scale(_amax(x32), dtype).astype(np.float32)
-    return _cast(x32, s, dtype), np.float32(s)
+    amax = _amax(x32)
+    return _cast(x32, amax, dtype), np.float32(_scale(amax, dtype))
 
 
 def quantize_blocks(x, block_rows, block_cols, dtype="e4m3"):
@@ -56,9 +59,9 @@ def quantize_blocks(x, block_rows, block_cols, dtype="e4m3"):
     for i in range(sr):
         for j in range(sc):
             blk = x32[i * block_rows:(i + 1) * block_rows, j * block_cols:(j + 1) * block_cols]
-            s = _scale(_amax(blk), dtype).astype(np.float32)
-            scales[i, j] = s
-            q[i * block_rows:(i + 1) * block_rows, j * block_cols:(j + 1) * block_cols] = _cast(blk, s, dtype)
+            amax = _amax(blk)
+            scales[i, j] = _scale(amax, dtype)
+            q[i * block_rows:(i + 1) * block_rows, j * block_cols:(j + 1) * block_cols] = _cast(blk, amax, dtype)
     return q, scales
 
 
@@ -69,8 +72,9 @@ def quantize_rows(x, block, dtype="e4m3"):
     nb = -(-c // block)
     pad = np.zeros(x32.shape[:-1] + (nb * block - c,), np.float32)
     blocks = np.concatenate([x32, pad], -1).reshape(x32.shape[:-1] + (nb, block))
-    s = _scale(_amax(blocks, axis=-1), dtype).astype(np.float32)
-    q = _cast(blocks, s[..., None], dtype).reshape(x32.shape[:-1] + (nb * block,))[..., :c]
+    amax = _amax(blocks, axis=-1)
+    s = _scale(amax, dtype).astype(np.float32)
+    q = _cast(blocks, amax[..., None], dtype).reshape(x32.shape[:-1] + (nb * block,))[..., :c]
     return q, s
 
 

@@ -124,6 +124,8 @@ def test_unsupported_block_sizes(block_size):
           A, B_KN, SA_ROWS, SB_BLOCK_KN)
     fails(ValueError, match, lambda x: fg.quantize_fp8_fine_grained(x, block_size), spec((8, 256)))
     fails(ValueError, match, lambda x: fg.compute_scales(x, block_size), spec((8, 256)))
+    fails(ValueError, match, lambda x: fg.quantize_fp8_with_transpose(x, block_size),
+          spec((8, 256)))
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.float16, jnp.float64, jnp.int32, E4M3, "float", None])
@@ -185,6 +187,8 @@ def test_bad_fp8_dtype(dtype):
     match = r"dtype must be 'e4m3', 'e5m2', jnp.float8_e4m3fn or jnp.float8_e5m2, got"
     fails(ValueError, match, lambda x: fg.quantize_fp8(x, dtype), spec((8, 256)))
     fails(ValueError, match, lambda x: fg.quantize_fp8_fine_grained(x, dtype=dtype), spec((8, 256)))
+    fails(ValueError, match, lambda x: fg.quantize_fp8_with_transpose(x, dtype=dtype),
+          spec((8, 256)))
     with pytest.raises(ValueError, match=match):
         Recipe(fwd_dtype=dtype)
     with pytest.raises(ValueError, match=match):
@@ -197,6 +201,7 @@ def test_quantize_needs_float_input(dtype):
     match = rf"x must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
     fails(TypeError, match, fg.quantize_fp8, spec((8, 256), dtype))
     fails(TypeError, match, fg.quantize_fp8_fine_grained, spec((8, 256), dtype))
+    fails(TypeError, match, fg.quantize_fp8_with_transpose, spec((8, 256), dtype))
 
 
 def test_quantize_rank():
@@ -206,6 +211,8 @@ def test_quantize_rank():
           lambda x: fg.quantize_fp8_fine_grained(x, block_shape=(128, 128)), spec((256,)))
     fails(ValueError, r"x must have at least 2 dimension\(s\), got shape \(256,\)",
           lambda x: fg.quantize_fp8_fine_grained(x, transpose=True), spec((256,)))
+    fails(ValueError, r"x must have at least 2 dimensions, got shape \(256,\)",
+          fg.quantize_fp8_with_transpose, spec((256,)))
 
 
 def test_dequantize_checks():
@@ -511,6 +518,20 @@ def test_ffi_quantize_validation(device):
         jax.block_until_ready(jax.jit(lambda: call(64, 128, (1, 2, 3)))())
     with pytest.raises(Exception, match=r"jax_fp8gemm: scales has shape \[1, 100, 2\], expected \[1, 100, 3\]"):
         jax.block_until_ready(jax.jit(lambda: call(1, 128, (1, 100, 2)))())
+
+
+def test_ffi_quantize_dual_validation(device):
+    x = jnp.ones((1, 100, 300))
+
+    def call(qt_dtype=E4M3, st_shape=(1, 300, 1)):
+        outs = (jax.ShapeDtypeStruct((1, 100, 300), E4M3), jax.ShapeDtypeStruct((1, 100, 3), F32),
+                jax.ShapeDtypeStruct((1, 300, 100), qt_dtype), jax.ShapeDtypeStruct(st_shape, F32))
+        return ffi("quantize_dual", outs, x, block_size=i64(128))
+
+    with pytest.raises(Exception, match=r"jax_fp8gemm: scales_t has shape \[1, 300, 2\], expected \[1, 300, 1\]"):
+        jax.block_until_ready(jax.jit(lambda: call(st_shape=(1, 300, 2)))())
+    with pytest.raises(Exception, match=r"jax_fp8gemm: x_fp8 and xt_fp8 must have the same FP8 dtype"):
+        jax.block_until_ready(jax.jit(lambda: call(qt_dtype=jnp.float8_e5m2))())
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(r"""
         qm, sm = fg.quantize_fp8_fine_grained(xm)
         masked = fg.grouped_gemm_masked(qm, masked_m, qg, sm, sg)  # grouped_masked
         loss = lambda x, wg: fg.fp8_grouped_matmul(x, sizes, wg).astype(jnp.float32).sum()
-        dx, dwg = jax.grad(loss, argnums=(0, 1))(x, wg)           # grouped_kgrouped
+        dx, dwg = jax.grad(loss, argnums=(0, 1))(x, wg)           # grouped_kgrouped, quantize_dual
         return qt, st, qx, sx, dense, odd, grouped, masked, dx, dwg
 
     rng = np.random.default_rng(0)
@@ -58,8 +58,8 @@ SCRIPT = textwrap.dedent(r"""
 
 GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 NO_GRAPH_FLAGS = "--xla_gpu_enable_command_buffer="
-OPS = {"quantize_tensor", "quantize_block", "gemm", "grouped_contiguous", "grouped_masked",
-       "grouped_kgrouped"}
+OPS = {"quantize_tensor", "quantize_block", "quantize_dual", "gemm", "grouped_contiguous",
+       "grouped_masked", "grouped_kgrouped"}
 
 
 def run(tmp_path, name, flags):

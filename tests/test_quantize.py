@@ -1,5 +1,6 @@
 """Quantization: per-tensor and fine-grained, bit for bit against jax_fp8gemm.reference."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -15,7 +16,8 @@ MAX_FINITE = {"e4m3": 448.0, "e5m2": 57344.0}
 
 # Partial blocks for every block size: 1, 7 and 129 are below or just past a block,
 # 257 is one past 256 (and past several 64- and 128-blocks).
-ROW_SHAPES = [(7,), (1, 1), (7, 129), (3, 257), (129, 7)]
+# (5, 256) and (2, 3, 512): rows of whole blocks, which the GPU quantizes with vector loads.
+ROW_SHAPES = [(7,), (1, 1), (7, 129), (3, 257), (129, 7), (5, 256), (2, 3, 512)]
 MATRIX_SHAPES = [(1, 1), (7, 129), (129, 257), (257, 7)]
 
 
@@ -41,7 +43,8 @@ def roundtrip_bound(x32, scale_per_element, fmt):
     2^(e-m-1) <= 2^-(m+1) * |x / scale|: relative error 2^-4 for e4m3, 2^-3 for e5m2
     (hence also at most 2^-(m+1) of the block's amax). Below the smallest normal, the spacing
     is that of the smallest binade: 2^-(m+1) * min_normal absolutely. The division by the
-    scale and the multiplication back each round in float32 (2^-24 relative), which the
+    scale (a multiplication by its rounded reciprocal) and the multiplication back each round
+    in float32 (2^-24 relative, three roundings in all), which the
     factor 1 + 2^-18 covers (it adds 2^-22 of |x| or more).
     """
     m = MANTISSA_BITS[fmt]
@@ -156,9 +159,11 @@ def test_fine_grained_leading_batch_axes(device, rng, block_shape):
 @pytest.mark.parametrize("lead", [(), (2,)])
 @pytest.mark.parametrize("square", [False, True], ids=["1xbs", "bsxbs"])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("in_dtype", list(NP_FLOAT))
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_transpose_equals_reference_of_transpose(device, rng, fmt, block_size, square, lead):
-    x = randn(rng, lead + (257, 129))
+def test_transpose_equals_reference_of_transpose(device, rng, fmt, in_dtype, block_size, square,
+                                                 lead):
+    x = randn(rng, lead + (257, 129), dtype=NP_FLOAT[in_dtype])
     shape = (block_size, block_size) if square else None
     q, scales = fg.quantize_fp8_fine_grained(on(device, x), block_size, fmt,
                                              block_shape=shape, transpose=True)
@@ -173,6 +178,36 @@ def test_transpose_equals_reference_of_transpose(device, rng, fmt, block_size, s
         ref_q, ref_s = reference.quantize_rows(xt, block_size, fmt)
     assert_scales_equal(scales, ref_s)
     assert_fp8_equal(q, ref_q)
+
+
+# Odd sizes, tiles cut on both axes, whole tiles, a batch, and rows or columns of one value.
+DUAL_SHAPES = [(1, 1), (7, 129), (257, 200), (256, 384), (2, 130, 64), (1, 300), (300, 1)]
+
+
+@pytest.mark.parametrize("shape", DUAL_SHAPES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("in_dtype", list(NP_FLOAT))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_with_transpose_is_both_layouts(device, rng, fmt, in_dtype, block_size, shape):
+    x, x32 = make_x(rng, shape, in_dtype, scale=2.0)
+    q, s, qt, st = fg.quantize_fp8_with_transpose(on(device, x), block_size, fmt)
+    ref_q, ref_s = reference.quantize_rows(x32, block_size, fmt)
+    ref_qt, ref_st = reference.quantize_rows(np.swapaxes(x32, -1, -2), block_size, fmt)
+    assert q.dtype == qt.dtype == FP8_NP[fmt]
+    assert qt.shape == shape[:-2] + (shape[-1], shape[-2])
+    assert_scales_equal(s, ref_s)
+    assert_fp8_equal(q, ref_q)
+    assert_scales_equal(st, ref_st)
+    assert_fp8_equal(qt, ref_qt)
+
+
+def test_with_transpose_under_vmap_and_jit(device, rng):
+    x = on(device, randn(rng, (3, 2, 130, 257), dtype=np.float32).astype(jnp.bfloat16))
+    got = jax.jit(jax.vmap(lambda v: fg.quantize_fp8_with_transpose(v, 64)))(x)
+    want = fg.quantize_fp8_with_transpose(x, 64)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8))
 
 
 @pytest.mark.parametrize("square", [False, True], ids=["1xbs", "bsxbs"])

@@ -19,6 +19,14 @@
       .Attr<int64_t>("block_cols")         \
       .Attr<bool>("transpose")
 
+#define FP8GEMM_BIND_QUANTIZE_DUAL(B)      \
+  B.Arg<ffi::AnyBuffer>()     /* x */         \
+      .Ret<ffi::AnyBuffer>()  /* x_fp8 */     \
+      .Ret<ffi::AnyBuffer>()  /* scales */    \
+      .Ret<ffi::AnyBuffer>()  /* xt_fp8 */    \
+      .Ret<ffi::AnyBuffer>()  /* scales_t */  \
+      .Attr<int64_t>("block_size")
+
 #define FP8GEMM_BIND_GEMM(B)                        \
   B.Arg<ffi::AnyBuffer>()             /* a */           \
       .Arg<ffi::AnyBuffer>()          /* b */           \

@@ -37,6 +37,14 @@ FP8_HD float scale_from_amax(float amax, Fp8Format f) {
   return (amax < kAmaxFloor ? kAmaxFloor : amax) / max_finite(f);
 }
 
+// What quantization multiplies by: max_finite / max(amax, floor), the scale's reciprocal
+// rounded once, so that q = fp8(x * inverse) costs a multiply per value (DeepGEMM's
+// x * (448 / amax) convention). NaN for a NaN amax, 0 for an infinite one (then finite
+// values quantize to 0 and infinities to NaN, and the scale is inf).
+FP8_HD float inverse_scale_from_amax(float amax, Fp8Format f) {
+  return max_finite(f) / (amax < kAmaxFloor ? kAmaxFloor : amax);
+}
+
 FP8_HD float bits_to_float(uint32_t bits) {
   float f;
   memcpy(&f, &bits, sizeof(f));

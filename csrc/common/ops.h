@@ -139,7 +139,9 @@ struct QuantizeBlockOp {
 
 inline ffi::Error DecodeQuantizeBlock(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
                                       ffi::Result<ffi::AnyBuffer> scales, int64_t block_rows,
-                                      int64_t block_cols, bool transpose, QuantizeBlockOp* op) {
+                                      int64_t block_cols, bool transpose, QuantizeBlockOp* op,
+                                      const char* q_name = "x_fp8",
+                                      const char* scales_name = "scales") {
   FP8GEMM_RETURN_IF_ERROR(expect_rank("x", x, 3));
   if (!is_float_input(x.element_type())) return invalid("x must be float32, bfloat16 or float16");
   FP8GEMM_RETURN_IF_ERROR(check_block(block_cols));
@@ -149,11 +151,32 @@ inline ffi::Error DecodeQuantizeBlock(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
   *op = {x.untyped_data(), x.element_type(), static_cast<uint8_t*>(q->untyped_data()),
          Fp8Format::kE4M3, static_cast<float*>(scales->untyped_data()), x.dimensions()[0],
          x.dimensions()[1], x.dimensions()[2], block_rows, block_cols, transpose};
-  FP8GEMM_RETURN_IF_ERROR(fp8_format("x_fp8", q->element_type(), &op->format));
-  FP8GEMM_RETURN_IF_ERROR(expect_shape("x_fp8", *q, {op->batch, op->out_rows(), op->out_cols()}));
+  FP8GEMM_RETURN_IF_ERROR(fp8_format(q_name, q->element_type(), &op->format));
+  FP8GEMM_RETURN_IF_ERROR(expect_shape(q_name, *q, {op->batch, op->out_rows(), op->out_cols()}));
   FP8GEMM_RETURN_IF_ERROR(
-      expect_dtype("scales", scales->element_type(), ffi::DataType::F32, "float32"));
-  return expect_shape("scales", *scales, {op->batch, op->scale_rows(), op->scale_cols()});
+      expect_dtype(scales_name, scales->element_type(), ffi::DataType::F32, "float32"));
+  return expect_shape(scales_name, *scales, {op->batch, op->scale_rows(), op->scale_cols()});
+}
+
+// Both 1 x block layouts of one x [B, R, C], from one read (the training recipe's
+// activations and output gradients): rows (q [B, R, C], scales [B, R, ceil(C / block)]) and
+// transposed (qt [B, C, R], scales_t [B, C, ceil(R / block)]).
+struct QuantizeDualOp {
+  QuantizeBlockOp rows, cols;
+};
+
+inline ffi::Error DecodeQuantizeDual(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                                     ffi::Result<ffi::AnyBuffer> scales,
+                                     ffi::Result<ffi::AnyBuffer> qt,
+                                     ffi::Result<ffi::AnyBuffer> scales_t, int64_t block,
+                                     QuantizeDualOp* op) {
+  FP8GEMM_RETURN_IF_ERROR(DecodeQuantizeBlock(x, q, scales, 1, block, false, &op->rows));
+  FP8GEMM_RETURN_IF_ERROR(
+      DecodeQuantizeBlock(x, qt, scales_t, 1, block, true, &op->cols, "xt_fp8", "scales_t"));
+  if (op->rows.format != op->cols.format) {
+    return invalid("x_fp8 and xt_fp8 must have the same FP8 dtype");
+  }
+  return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -25,21 +25,16 @@ ffi::Error QuantizeTensorImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
     const int64_t base = g * op.length;
     float amax = 0.0f;
     for (int64_t i = 0; i < op.length; ++i) amax = amax_update(amax, load(op.x, op.x_type, base + i));
-    const float s = scale_from_amax(amax, op.format);
-    op.scale[g] = s;
+    op.scale[g] = scale_from_amax(amax, op.format);
+    const float inv = inverse_scale_from_amax(amax, op.format);
     for (int64_t i = 0; i < op.length; ++i) {
-      op.q[base + i] = float_to_fp8(load(op.x, op.x_type, base + i) / s, op.format);
+      op.q[base + i] = float_to_fp8(load(op.x, op.x_type, base + i) * inv, op.format);
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error QuantizeBlockImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
-                             ffi::Result<ffi::AnyBuffer> scales, int64_t block_rows,
-                             int64_t block_cols, bool transpose) {
-  QuantizeBlockOp op;
-  FP8GEMM_RETURN_IF_ERROR(
-      DecodeQuantizeBlock(x, q, scales, block_rows, block_cols, transpose, &op));
+void quantize_blocks(const QuantizeBlockOp& op) {
   const int64_t out_rows = op.out_rows(), out_cols = op.out_cols();
   const int64_t srows = op.scale_rows(), scols = op.scale_cols();
   // Element (r, c) of the output layout, as an index into x.
@@ -54,14 +49,34 @@ ffi::Error QuantizeBlockImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
       float amax = 0.0f;
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c) amax = amax_update(amax, load(op.x, op.x_type, src(b, r, c)));
-      const float s = scale_from_amax(amax, op.format);
-      op.scales[(b * srows + sr) * scols + sc] = s;
+      op.scales[(b * srows + sr) * scols + sc] = scale_from_amax(amax, op.format);
+      const float inv = inverse_scale_from_amax(amax, op.format);
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c)
           op.q[(b * out_rows + r) * out_cols + c] =
-              float_to_fp8(load(op.x, op.x_type, src(b, r, c)) / s, op.format);
+              float_to_fp8(load(op.x, op.x_type, src(b, r, c)) * inv, op.format);
     }
   });
+}
+
+ffi::Error QuantizeBlockImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                             ffi::Result<ffi::AnyBuffer> scales, int64_t block_rows,
+                             int64_t block_cols, bool transpose) {
+  QuantizeBlockOp op;
+  FP8GEMM_RETURN_IF_ERROR(
+      DecodeQuantizeBlock(x, q, scales, block_rows, block_cols, transpose, &op));
+  quantize_blocks(op);
+  return ffi::Error::Success();
+}
+
+// The CPU has no bandwidth to save by fusing: the two layouts one after the other.
+ffi::Error QuantizeDualImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                            ffi::Result<ffi::AnyBuffer> scales, ffi::Result<ffi::AnyBuffer> qt,
+                            ffi::Result<ffi::AnyBuffer> scales_t, int64_t block) {
+  QuantizeDualOp op;
+  FP8GEMM_RETURN_IF_ERROR(DecodeQuantizeDual(x, q, scales, qt, scales_t, block, &op));
+  quantize_blocks(op.rows);
+  quantize_blocks(op.cols);
   return ffi::Error::Success();
 }
 
@@ -77,3 +92,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_tensor_cpu, fp8gemm::cpu::Quantiz
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_block_cpu, fp8gemm::cpu::QuantizeBlockImpl,
                               FP8GEMM_BIND_QUANTIZE_BLOCK(FP8GEMM_BIND));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_dual_cpu, fp8gemm::cpu::QuantizeDualImpl,
+                              FP8GEMM_BIND_QUANTIZE_DUAL(FP8GEMM_BIND));

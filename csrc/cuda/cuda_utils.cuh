@@ -38,11 +38,36 @@ inline ffi::Error launch_status(const char* what) {
 // 16-bit payloads, so the C++ element type alone cannot tell them apart).
 enum class InType { kF32, kBF16, kF16 };
 
+// Exact half -> float in one instruction (fp8.h's f16_to_float is the portable spelling).
+__device__ __forceinline__ float f16_bits_to_float(uint16_t v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+}
+
 template <InType T>
 __device__ __forceinline__ float load_input(const void* x, int64_t i) {
   if constexpr (T == InType::kBF16) return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
-  if constexpr (T == InType::kF16) return f16_to_float(static_cast<const uint16_t*>(x)[i]);
+  if constexpr (T == InType::kF16) return f16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
   if constexpr (T == InType::kF32) return static_cast<const float*>(x)[i];
+}
+
+// float -> FP8 (fp8.h's float_to_fp8: round to nearest even, saturate to the largest finite
+// value, NaN stays NaN). Ada and Hopper have it in hardware (cvt.rn.satfinite), one
+// instruction per two values instead of the dozens of the portable spelling, which would
+// make the quantizers compute-bound; older GPUs run the portable one.
+__device__ __forceinline__ uint8_t to_fp8(float x, Fp8Format f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint16_t pair;
+  if (f == Fp8Format::kE4M3) {
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(x));
+  } else {
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(x));
+  }
+  return static_cast<uint8_t>(pair);  // the second source lands in the low byte
+#else
+  return float_to_fp8(x, f);
+#endif
 }
 
 template <InType T>

@@ -1,24 +1,28 @@
-// Portable CUDA backend of the quantization primitives (per-tensor and blockwise). Simple
-// and correct rather than fast; computes exactly the function of cpu/quantize_cpu.cc.
+// CUDA backend of the quantization primitives (per-tensor, blockwise, and both 1 x block
+// layouts at once); computes exactly the function of cpu/quantize_cpu.cc, on any GPU.
 //
-// Bitwise agreement with the CPU: the amax is a max (exact in any order), the scale is the
-// same float expression, q = float_to_fp8(x / scale) uses the shared fp8.h conversion and an
-// IEEE division (nvcc's default -prec-div=true -ftz=false; this file must never be built
-// with --use_fast_math).
+// Bitwise agreement with the CPU: the amax is a max (exact in any order), the scale and its
+// inverse are the same float expressions (fp8.h), q = to_fp8(x * inverse) rounds like
+// fp8.h's float_to_fp8 (in hardware on GPUs with FP8); nvcc's default -prec-div=true
+// -ftz=false keep the arithmetic IEEE (this file must never be built with --use_fast_math).
 //
 // Per-tensor (x [G, L]): a row's amax must be final before any of its values is cast, and
 // there is no scratch buffer, so the call is a memset and three launches on the stream:
-//   1. portable_amax_kernel: each warp reduces the bits of |x| (cuda_utils.cuh: their
+//   1. portable_amax_kernel: each CTA reduces the bits of |x| (cuda_utils.cuh: their
 //      unsigned max is the NaN-propagating amax) over part of row g and atomicMax-es them
-//      into the zeroed scale[g], which holds amax bits until
-//   2. portable_scale_kernel: one thread per row turns them into the scale, in place;
-//   3. portable_cast_tensor_kernel: q = fp8(x / scale[g]).
-// Blockwise: one warp (1 x block scales) or one CTA (block x block) per scale block reduces
-// the block's amax and then casts its values; nothing crosses blocks, so one launch. The
-// two 1 x block cases of training have their own kernels: along rows whose length is a
-// multiple of the block (activations and gradients: one vector load and store per lane),
-// and transposed (the weight gradient's operands: tiles staged in shared memory, so that
-// reads and writes both run along the contiguous axis).
+//      into the zeroed scale[g], which holds amax bits until step 3;
+//   2. portable_cast_tensor_kernel: q = fp8(x * inverse(amax[g])), walking x backwards so
+//      that it starts on what the amax pass left in L2;
+//   3. portable_scale_kernel: one thread per row turns the amax bits into the scale, in place.
+// Blockwise, one launch each (nothing crosses blocks), the fastest kernel that applies:
+//   * portable_quantize_rows_kernel: 1 x block along rows that are whole blocks (activations
+//     and gradients): one vector load and store per lane;
+//   * portable_quantize_tile_kernel: blocks of 64 and 128 transposed, square, or both 1 x
+//     block layouts at once (quantize_dual), from block x block tiles staged in shared
+//     memory, so that reads and writes both run along the contiguous axes;
+//   * portable_quantize_cols_kernel: transposed blocks of 256;
+//   * portable_quantize_block_kernel: everything else (one warp per 1 x block block, one
+//     CTA per block x block block).
 #include "../common/ops.h"
 #include "../common/bindings.h"
 #include "../handlers.h"
@@ -29,18 +33,30 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kItems = 8;  // per thread per task of the per-tensor kernels
-constexpr int64_t kChunk = int64_t{kThreads} * kItems;
+constexpr int kItems = 8;  // accesses per thread per task of the per-tensor kernels
+constexpr int64_t kChunk = int64_t{kThreads} * kItems;  // accesses per task
 static_assert(kThreads % 32 == 0, "kernels reduce per warp: whole warps only");
 
 // ---------------------------------------------------------------------------------------
-// Per-tensor. A task is a chunk of kChunk values of one row, so every warp of a task
-// belongs to one row (one atomic per warp) and a row's scale is read once per task.
+// Per-tensor. A task is kThreads * kItems accesses of kN values each, all in one row (so a
+// task's amax goes to one scale, with one atomic per CTA). kN is 16 bytes of values when
+// rows are whole 16-byte vectors and x is aligned, else 1.
 
-template <InType T>
+template <InType T, int kN>
+struct Vec {
+  using Elem = std::conditional_t<T == InType::kF32, float, uint16_t>;
+  struct alignas(kN * sizeof(Elem)) Type {
+    Elem v[kN];
+  };
+};
+
+template <InType T, int kN>
 __global__ void __launch_bounds__(kThreads)
     portable_amax_kernel(const void* x, uint32_t* amax_bits, int64_t length, int64_t chunks,
                          int64_t tasks) {
+  using V = typename Vec<T, kN>::Type;
+  __shared__ uint32_t warp_amax[kWarps];
+  const int64_t accesses = length / kN;  // per row
   for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
     const int64_t g = task / chunks;
     const int64_t begin = (task % chunks) * kChunk;
@@ -48,10 +64,20 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       const int64_t i = begin + j * kThreads + threadIdx.x;
-      if (i < length) m = umax(m, abs_bits(load_input<T>(x, g * length + i)));
+      if (i < accesses) {
+        const V v = static_cast<const V*>(x)[g * accesses + i];
+#pragma unroll
+        for (int t = 0; t < kN; ++t) m = umax(m, abs_bits(load_input<T>(v.v, t)));
+      }
     }
     m = warp_max(m);
-    if (threadIdx.x % 32 == 0 && m != 0) atomicMax(amax_bits + g, m);
+    if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < kWarps; ++w) m = umax(m, warp_amax[w]);
+      if (m != 0) atomicMax(amax_bits + g, m);
+    }
+    __syncthreads();  // warp_amax is read before the next task writes it
   }
 }
 
@@ -65,22 +91,51 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <InType T>
+template <InType T, int kN>
 __global__ void __launch_bounds__(kThreads)
-    portable_cast_tensor_kernel(const void* x, const float* scale, uint8_t* q, int64_t length,
-                                int64_t chunks, int64_t tasks, Fp8Format format) {
-  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    portable_cast_tensor_kernel(const void* x, const uint32_t* amax_bits, uint8_t* q,
+                                int64_t length, int64_t chunks, int64_t tasks, Fp8Format format) {
+  using V = typename Vec<T, kN>::Type;
+  struct alignas(kN) Bytes {
+    uint8_t v[kN];
+  };
+  const int64_t accesses = length / kN;  // per row
+  for (int64_t n = blockIdx.x; n < tasks; n += gridDim.x) {
+    // Backwards: the amax pass read x forwards, so its last tens of MB are still in L2.
+    const int64_t task = tasks - 1 - n;
     const int64_t g = task / chunks;
     const int64_t begin = (task % chunks) * kChunk;
-    const float s = scale[g];
-#pragma unroll 2
+    const float inv = inverse_scale_from_amax(bits_to_float(amax_bits[g]), format);
+#pragma unroll 4
     for (int j = 0; j < kItems; ++j) {
-      const int64_t i = g * length + begin + j * kThreads + threadIdx.x;
-      if (begin + j * kThreads + threadIdx.x < length) {
-        q[i] = float_to_fp8(load_input<T>(x, i) / s, format);
+      const int64_t i = begin + j * kThreads + threadIdx.x;
+      if (i < accesses) {
+        const V v = static_cast<const V*>(x)[g * accesses + i];
+        Bytes out;
+#pragma unroll
+        for (int t = 0; t < kN; ++t) out.v[t] = to_fp8(load_input<T>(v.v, t) * inv, format);
+        reinterpret_cast<Bytes*>(q)[g * accesses + i] = out;
       }
     }
   }
+}
+
+template <InType T, int kN>
+ffi::Error launch_quantize_tensor(cudaStream_t stream, const QuantizeTensorOp& op) {
+  uint32_t* amax_bits = reinterpret_cast<uint32_t*>(op.scale);
+  const int64_t chunks = ceil_div(op.length / kN, kChunk);
+  const int64_t tasks = op.groups * chunks;
+  if (tasks > 0) {
+    portable_amax_kernel<T, kN><<<grid_for(tasks), kThreads, 0, stream>>>(
+        op.x, amax_bits, op.length, chunks, tasks);
+    FP8GEMM_RETURN_IF_ERROR(launch_status("portable_amax_kernel"));
+    portable_cast_tensor_kernel<T, kN><<<grid_for(tasks), kThreads, 0, stream>>>(
+        op.x, amax_bits, op.q, op.length, chunks, tasks, op.format);
+    FP8GEMM_RETURN_IF_ERROR(launch_status("portable_cast_tensor_kernel"));
+  }
+  portable_scale_kernel<<<grid_for(ceil_div(op.groups, kThreads)), kThreads, 0, stream>>>(
+      amax_bits, op.groups, op.format);
+  return launch_status("portable_scale_kernel");
 }
 
 ffi::Error QuantizeTensorImpl(cudaStream_t stream, ffi::AnyBuffer x,
@@ -88,28 +143,17 @@ ffi::Error QuantizeTensorImpl(cudaStream_t stream, ffi::AnyBuffer x,
   QuantizeTensorOp op;
   FP8GEMM_RETURN_IF_ERROR(DecodeQuantizeTensor(x, q, scale, &op));
   if (op.groups == 0) return ffi::Error::Success();
-  uint32_t* amax_bits = reinterpret_cast<uint32_t*>(op.scale);
   // Zero bits = amax 0: the value of an empty row, and the identity of the max.
   FP8GEMM_RETURN_IF_ERROR(cuda_status(
-      cudaMemsetAsync(amax_bits, 0, op.groups * sizeof(uint32_t), stream), "scale memset"));
-  const int64_t chunks = ceil_div(op.length, kChunk);
-  const int64_t tasks = op.groups * chunks;
+      cudaMemsetAsync(op.scale, 0, op.groups * sizeof(uint32_t), stream), "scale memset"));
   return dispatch_input(op.x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
-    if (tasks > 0) {
-      portable_amax_kernel<T><<<grid_for(tasks), kThreads, 0, stream>>>(op.x, amax_bits,
-                                                                          op.length, chunks, tasks);
-      FP8GEMM_RETURN_IF_ERROR(launch_status("portable_amax_kernel"));
+    constexpr int kVector = T == InType::kF32 ? 4 : 8;  // 16 bytes
+    const auto aligned = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+    if (op.length % kVector == 0 && aligned(op.x, 16) && aligned(op.q, kVector)) {
+      return launch_quantize_tensor<T, kVector>(stream, op);
     }
-    portable_scale_kernel<<<grid_for(ceil_div(op.groups, kThreads)), kThreads, 0, stream>>>(
-        amax_bits, op.groups, op.format);
-    FP8GEMM_RETURN_IF_ERROR(launch_status("portable_scale_kernel"));
-    if (tasks > 0) {
-      portable_cast_tensor_kernel<T><<<grid_for(tasks), kThreads, 0, stream>>>(
-          op.x, op.scale, op.q, op.length, chunks, tasks, op.format);
-      FP8GEMM_RETURN_IF_ERROR(launch_status("portable_cast_tensor_kernel"));
-    }
-    return ffi::Error::Success();
+    return launch_quantize_tensor<T, 1>(stream, op);
   });
 }
 
@@ -175,13 +219,15 @@ __global__ void __launch_bounds__(kThreads) portable_quantize_block_kernel(Block
       __syncthreads();  // every thread has read warp_amax before the next task rewrites it
     }
 
-    const float s = scale_from_amax(bits_to_float(m), a.format);
+    const float amax = bits_to_float(m);
+    const float s = scale_from_amax(amax, a.format);
+    const float inv = inverse_scale_from_amax(amax, a.format);
     if (lane == 0) a.scales[task] = s;  // task == (b * scale_rows + sr) * scale_cols + sc
     for (int e = lane; e < n; e += kGroupThreads) {
       int64_t r, c;
       out_rc(e, &r, &c);
       a.q[(b * a.out_rows + r) * a.out_cols + c] =
-          float_to_fp8(load_input<T>(a.x, src(r, c)) / s, a.format);
+          to_fp8(load_input<T>(a.x, src(r, c)) * inv, a.format);
     }
   }
 }
@@ -225,17 +271,20 @@ __global__ void __launch_bounds__(kThreads)
         v[i] = load_input<T>(in[u].v, i);
         m = umax(m, abs_bits(v[i]));
       }
-      const float s = scale_from_amax(bits_to_float(warp_max(m)), format);
+      const float amax = bits_to_float(warp_max(m));
+      const float s = scale_from_amax(amax, format);
+      const float inv = inverse_scale_from_amax(amax, format);
       if (lane == 0) scales[b] = s;
       Out out;
 #pragma unroll
-      for (int i = 0; i < kValues; ++i) out.v[i] = float_to_fp8(v[i] / s, format);
+      for (int i = 0; i < kValues; ++i) out.v[i] = to_fp8(v[i] * inv, format);
       reinterpret_cast<Out*>(q)[b * 32 + lane] = out;
     }
   }
 }
 
-// 1 x kBlock scales along x's columns, transposed (x [rows, cols] -> q [cols, rows], the
+// 1 x kBlock scales along x's columns, transposed, for blocks of 256 (the tiled kernel below
+// takes 64 and 128) (x [rows, cols] -> q [cols, rows], the
 // weight gradient's operands): output row c is x's column c, quantized in blocks of kBlock
 // of x's rows. A CTA stages a tile of kBlock x-rows by kTileCols x-columns in shared
 // memory with coalesced row reads, each warp reduces and writes kTileCols / kWarps output
@@ -270,13 +319,15 @@ __global__ void __launch_bounds__(kThreads) portable_quantize_cols_kernel(BlockA
       uint32_t m = 0;
 #pragma unroll
       for (int rr = lane; rr < kBlock; rr += 32) m = umax(m, abs_bits(tile[rr][j]));
-      const float s = scale_from_amax(bits_to_float(warp_max(m)), a.format);
+      const float amax = bits_to_float(warp_max(m));
+      const float s = scale_from_amax(amax, a.format);
+      const float inv = inverse_scale_from_amax(amax, a.format);
       if (lane == 0) a.scales[(b * a.out_rows + c) * a.scale_cols + rt] = s;
       uint8_t* out = a.q + (b * a.out_rows + c) * a.out_cols + r0;
       for (int e = 4 * lane; e < kBlock; e += 128) {
         uint8_t v[4];
 #pragma unroll
-        for (int t = 0; t < 4; ++t) v[t] = float_to_fp8(tile[e + t][j] / s, a.format);
+        for (int t = 0; t < 4; ++t) v[t] = to_fp8(tile[e + t][j] * inv, a.format);
         const int64_t valid = a.rows - (r0 + e);  // output columns left in this row
         if (valid >= 4 && a.out_cols % 4 == 0) {
           *reinterpret_cast<uint32_t*>(out + e) =
@@ -289,6 +340,242 @@ __global__ void __launch_bounds__(kThreads) portable_quantize_cols_kernel(BlockA
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Tiled: a CTA stages a kBlock x kBlock tile of x in shared memory (cp.async, the whole
+// tile in flight at once and no registers held for it) and writes from there any of
+//   kOutRows    q [B, R, C], 1 x kBlock blocks along x's rows,
+//   kOutCols    qt [B, C, R], x transposed, 1 x kBlock blocks along x's columns,
+//   kOutSquare  q [B, R, C], one kBlock x kBlock block per tile (weights).
+// kOutRows | kOutCols is quantize_fp8_with_transpose: both layouts training needs of an
+// activation or output gradient, from one read of x.
+//
+// Rows: warp w takes tile rows w, w + kWarps, ...; a lane's piece of kBlock / 32 values is
+// one shared-memory vector, the row's block reduces across the warp. Cols: warp w takes
+// 16-byte chunk columns w, w + kWarps, ...; lane l holds rows [l * kSpan, (l + 1) * kSpan)
+// of its chunk's columns, so a column's block reduces across the warp and each lane writes
+// kSpan consecutive bytes of the transposed row. Square: every thread scans its chunks,
+// the CTA reduces. The tile is stored in 16-byte chunks, chunk k of row r at
+// k ^ ((r / kSpan) % 8): a row's accesses touch a whole row (a permutation of it is
+// conflict-free) and each quarter-warp of column reads (lanes l..l+7, rows l * kSpan + t)
+// hits eight distinct 16-byte bank groups.
+enum TileOut : int { kOutRows = 1, kOutCols = 2, kOutSquare = 4 };
+
+template <InType T, int kBlock>
+struct TileLayout {
+  using Elem = std::conditional_t<T == InType::kF32, float, uint16_t>;
+  static constexpr int kChunkValues = 16 / sizeof(Elem);
+  static constexpr int kChunks = kBlock / kChunkValues;  // per tile row
+  static constexpr int kSpan = kBlock / 32;              // per lane: values (rows), rows (cols)
+  static constexpr size_t kSmem = size_t{kBlock} * kBlock * sizeof(Elem);
+  static_assert(kChunks % 8 == 0 && kSpan * sizeof(Elem) <= 16, "tile layout");
+  struct alignas(16) Chunk {
+    Elem v[kChunkValues];
+  };
+  struct alignas(kSpan * sizeof(Elem)) Piece {
+    Elem v[kSpan];
+  };
+  __device__ static int chunk_at(int r, int k) { return r * kChunks + (k ^ (r / kSpan % 8)); }
+};
+
+// Stores the kN bytes v at out[0, n): one vector when all fit and out is aligned.
+template <int kN>
+__device__ __forceinline__ void store_bytes(uint8_t* out, const uint8_t (&v)[kN], int64_t n) {
+  struct alignas(kN) Bytes {
+    uint8_t v[kN];
+  };
+  if (n >= kN && reinterpret_cast<uintptr_t>(out) % kN == 0) {
+    Bytes b;
+#pragma unroll
+    for (int t = 0; t < kN; ++t) b.v[t] = v[t];
+    *reinterpret_cast<Bytes*>(out) = b;
+  } else {
+    for (int t = 0; t < kN && t < n; ++t) out[t] = v[t];
+  }
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+struct TileArgs {
+  const void* x;
+  uint8_t *q, *qt;             // q: rows or square output; qt: the transposed output
+  float *scales, *scales_t;
+  Fp8Format format;
+  int64_t batch, rows, cols;   // of x
+  int64_t row_tiles, col_tiles;  // ceil(rows / block), ceil(cols / block)
+};
+
+// (kThreads, 2): without a minimum, ptxas held the float32 tiles to 64 registers and spilled.
+template <InType T, int kBlock, int kOut>
+__global__ void __launch_bounds__(kThreads, 2) portable_quantize_tile_kernel(TileArgs a) {
+  using L = TileLayout<T, kBlock>;
+  using Elem = typename L::Elem;
+  using Chunk = typename L::Chunk;
+  using Piece = typename L::Piece;
+  constexpr int kSpan = L::kSpan, kCV = L::kChunkValues;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Chunk* const tile = reinterpret_cast<Chunk*>(smem_raw);
+  __shared__ uint32_t warp_amax[kWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const Elem* x = static_cast<const Elem*>(a.x);
+  // Whole chunks of a row are 16-byte aligned in global memory.
+  const bool vector_ok = a.cols % kCV == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  const int64_t tasks = a.batch * a.row_tiles * a.col_tiles;
+  // Copies task's tile into buf (cp.async where whole chunks are in bounds); past the edges
+  // it holds zeros, which never raise an amax and are never written out.
+  auto stage = [&](int64_t task, Chunk* buf) {
+    const int64_t b = task / (a.row_tiles * a.col_tiles);
+    const int64_t r0 = task / a.col_tiles % a.row_tiles * kBlock;
+    const int64_t c0 = task % a.col_tiles * kBlock;
+    for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+      const int rr = i / L::kChunks, k = i % L::kChunks;
+      const int64_t r = r0 + rr, c = c0 + k * kCV;
+      const Elem* src = x + (b * a.rows + r) * a.cols + c;
+      Chunk* dst = buf + L::chunk_at(rr, k);
+      if (r < a.rows && c + kCV <= a.cols && vector_ok) {
+        cp_async_16(dst, src);
+      } else {
+        Chunk v;
+#pragma unroll
+        for (int t = 0; t < kCV; ++t) v.v[t] = (r < a.rows && c + t < a.cols) ? src[t] : Elem{0};
+        *dst = v;
+      }
+    }
+  };
+  // One tile per CTA at a time (a double-buffered persistent version measured slower: with
+  // one CTA per task, the CTAs resident on an SM already overlap loads and math).
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    __syncthreads();  // the previous task is done with `tile` and warp_amax
+    stage(task, tile);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    const int64_t b = task / (a.row_tiles * a.col_tiles);
+    const int64_t rt = task / a.col_tiles % a.row_tiles, ct = task % a.col_tiles;
+    const int64_t r0 = rt * kBlock, c0 = ct * kBlock;
+
+    if constexpr ((kOut & kOutRows) != 0) {
+      const int k = lane * kSpan / kCV, offset = lane * kSpan % kCV;
+      const int64_t c = c0 + lane * kSpan;  // the lane's first column
+      for (int rr = warp; rr < kBlock; rr += kWarps) {
+        const int64_t r = r0 + rr;
+        if (r >= a.rows) break;  // uniform over the warp
+        const Piece in =
+            *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr, k)].v + offset);
+        float v[kSpan];
+        uint32_t m = 0;
+#pragma unroll
+        for (int t = 0; t < kSpan; ++t) {
+          v[t] = load_input<T>(in.v, t);
+          m = umax(m, abs_bits(v[t]));
+        }
+        const float amax = bits_to_float(warp_max(m));
+        const float s = scale_from_amax(amax, a.format);
+        const float inv = inverse_scale_from_amax(amax, a.format);
+        if (lane == 0) a.scales[(b * a.rows + r) * a.col_tiles + ct] = s;
+        uint8_t out[kSpan];
+#pragma unroll
+        for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(v[t] * inv, a.format);
+        if (c < a.cols) store_bytes<kSpan>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+      }
+    }
+
+    if constexpr ((kOut & kOutCols) != 0) {
+      const int64_t r = r0 + lane * kSpan;  // the lane's first row = output column
+      for (int k = warp; k < L::kChunks; k += kWarps) {
+        Chunk in[kSpan];
+#pragma unroll
+        for (int t = 0; t < kSpan; ++t) in[t] = tile[L::chunk_at(lane * kSpan + t, k)];
+#pragma unroll
+        for (int j = 0; j < kCV; ++j) {
+          const int64_t c = c0 + k * kCV + j;  // the output row
+          if (c >= a.cols) break;              // uniform over the warp
+          float v[kSpan];
+          uint32_t m = 0;
+#pragma unroll
+          for (int t = 0; t < kSpan; ++t) {
+            v[t] = load_input<T>(in[t].v, j);
+            m = umax(m, abs_bits(v[t]));
+          }
+          const float amax = bits_to_float(warp_max(m));
+          const float s = scale_from_amax(amax, a.format);
+          const float inv = inverse_scale_from_amax(amax, a.format);
+          if (lane == 0) a.scales_t[(b * a.cols + c) * a.row_tiles + rt] = s;
+          uint8_t out[kSpan];
+#pragma unroll
+          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(v[t] * inv, a.format);
+          if (r < a.rows) store_bytes<kSpan>(a.qt + (b * a.cols + c) * a.rows + r, out, a.rows - r);
+        }
+      }
+    }
+
+    if constexpr ((kOut & kOutSquare) != 0) {
+      uint32_t m = 0;
+      for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+        const Chunk in = tile[L::chunk_at(i / L::kChunks, i % L::kChunks)];
+#pragma unroll
+        for (int t = 0; t < kCV; ++t) m = umax(m, abs_bits(load_input<T>(in.v, t)));
+      }
+      m = warp_max(m);
+      if (lane == 0) warp_amax[warp] = m;
+      __syncthreads();
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m = umax(m, warp_amax[w]);
+      const float amax = bits_to_float(m);
+      const float s = scale_from_amax(amax, a.format);
+      const float inv = inverse_scale_from_amax(amax, a.format);
+      if (threadIdx.x == 0) a.scales[(b * a.row_tiles + rt) * a.col_tiles + ct] = s;
+      for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+        const int rr = i / L::kChunks, k = i % L::kChunks;
+        const int64_t r = r0 + rr, c = c0 + k * kCV;
+        if (r >= a.rows || c >= a.cols) continue;
+        const Chunk in = tile[L::chunk_at(rr, k)];
+        uint8_t out[kCV];
+#pragma unroll
+        for (int t = 0; t < kCV; ++t) out[t] = to_fp8(load_input<T>(in.v, t) * inv, a.format);
+        store_bytes<kCV>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+      }
+    }
+  }
+}
+
+// Launches the tiled kernel when it applies: blocks of 64 and 128 (a 256 x 256 tile would
+// take 128 KB of shared memory in bfloat16, leaving no room for a second CTA); *launched
+// says whether it did.
+template <int kOut>
+ffi::Error launch_tile(cudaStream_t stream, ffi::DataType x_type, int64_t block,
+                       const TileArgs& a, bool* launched) {
+  *launched = block == 64 || block == 128;
+  if (!*launched) return ffi::Error::Success();
+  const int64_t tasks = a.batch * a.row_tiles * a.col_tiles;
+  if (tasks == 0) return ffi::Error::Success();
+  return dispatch_input(x_type, [&](auto tag) -> ffi::Error {
+    constexpr InType T = decltype(tag)::value;
+    auto go = [&](auto kernel, size_t smem) -> ffi::Error {
+      if (smem > 48 * 1024) {
+        FP8GEMM_RETURN_IF_ERROR(cuda_status(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+            "portable_quantize_tile_kernel smem"));
+      }
+      kernel<<<grid_for(tasks), kThreads, smem, stream>>>(a);
+      return launch_status("portable_quantize_tile_kernel");
+    };
+    if (block == 64) {
+      return go(portable_quantize_tile_kernel<T, 64, kOut>, TileLayout<T, 64>::kSmem);
+    }
+    return go(portable_quantize_tile_kernel<T, 128, kOut>, TileLayout<T, 128>::kSmem);
+  });
+}
+
+TileArgs tile_args(const QuantizeBlockOp& op, uint8_t* qt, float* scales_t) {
+  const int64_t block = op.block_cols;
+  return {op.x,         op.transpose ? nullptr : op.q, op.transpose ? op.q : qt,
+          op.transpose ? nullptr : op.scales,          op.transpose ? op.scales : scales_t,
+          op.format,    op.batch, op.rows, op.cols, ceil_div(op.rows, block),
+          ceil_div(op.cols, block)};
+}
+
 // Whether portable_quantize_rows_kernel applies (its vector accesses need 16-byte alignment).
 bool rows_kernel_applies(const QuantizeBlockOp& op) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
@@ -296,17 +583,22 @@ bool rows_kernel_applies(const QuantizeBlockOp& op) {
          aligned(op.x) && aligned(op.q);
 }
 
-ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
-                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scales,
-                             int64_t block_rows, int64_t block_cols, bool transpose) {
-  QuantizeBlockOp op;
-  FP8GEMM_RETURN_IF_ERROR(
-      DecodeQuantizeBlock(x, q, scales, block_rows, block_cols, transpose, &op));
+// Launches the kernel that fits op (decoded and validated).
+ffi::Error launch_quantize_block(cudaStream_t stream, const QuantizeBlockOp& op) {
   BlockArgs a{op.x,         op.q,           op.scales,      op.format,
               op.rows,      op.cols,        op.out_rows(),  op.out_cols(),
               op.scale_rows(), op.scale_cols(), op.block_rows, op.block_cols,
               op.transpose, op.batch * op.scale_rows() * op.scale_cols()};
   if (a.tasks == 0) return ffi::Error::Success();
+  bool launched = false;
+  if (op.block_rows == 1 && op.transpose) {
+    FP8GEMM_RETURN_IF_ERROR(launch_tile<kOutCols>(stream, op.x_type, op.block_cols,
+                                                  tile_args(op, nullptr, nullptr), &launched));
+  } else if (op.block_rows > 1 && !op.transpose) {
+    FP8GEMM_RETURN_IF_ERROR(launch_tile<kOutSquare>(stream, op.x_type, op.block_cols,
+                                                    tile_args(op, nullptr, nullptr), &launched));
+  }
+  if (launched) return ffi::Error::Success();
   return dispatch_input(op.x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
     if (rows_kernel_applies(op)) {
@@ -326,15 +618,10 @@ ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
       }
       return launch_status("portable_quantize_rows_kernel");
     }
-    if (op.block_rows == 1 && op.transpose) {
+    if (op.block_rows == 1 && op.transpose) {  // block 256
       BlockArgs t = a;  // one task per tile of block_cols x-rows by kTileCols x-columns
       t.tasks = op.batch * a.scale_cols * ceil_div(op.cols, int64_t{kTileCols});
-      const unsigned grid = grid_for(t.tasks);
-      switch (op.block_cols) {
-        case 64: portable_quantize_cols_kernel<T, 64><<<grid, kThreads, 0, stream>>>(t); break;
-        case 256: portable_quantize_cols_kernel<T, 256><<<grid, kThreads, 0, stream>>>(t); break;
-        default: portable_quantize_cols_kernel<T, 128><<<grid, kThreads, 0, stream>>>(t);
-      }
+      portable_quantize_cols_kernel<T, 256><<<grid_for(t.tasks), kThreads, 0, stream>>>(t);
       return launch_status("portable_quantize_cols_kernel");
     }
     if (op.block_rows == 1) {
@@ -345,6 +632,29 @@ ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
     }
     return launch_status("portable_quantize_block_kernel");
   });
+}
+
+ffi::Error QuantizeBlockImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                             ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> scales,
+                             int64_t block_rows, int64_t block_cols, bool transpose) {
+  QuantizeBlockOp op;
+  FP8GEMM_RETURN_IF_ERROR(
+      DecodeQuantizeBlock(x, q, scales, block_rows, block_cols, transpose, &op));
+  return launch_quantize_block(stream, op);
+}
+
+ffi::Error QuantizeDualImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> q,
+                            ffi::Result<ffi::AnyBuffer> scales, ffi::Result<ffi::AnyBuffer> qt,
+                            ffi::Result<ffi::AnyBuffer> scales_t, int64_t block) {
+  QuantizeDualOp op;
+  FP8GEMM_RETURN_IF_ERROR(DecodeQuantizeDual(x, q, scales, qt, scales_t, block, &op));
+  bool launched = false;
+  FP8GEMM_RETURN_IF_ERROR(launch_tile<kOutRows | kOutCols>(
+      stream, op.rows.x_type, block, tile_args(op.rows, op.cols.q, op.cols.scales), &launched));
+  if (launched) return ffi::Error::Success();
+  // Blocks of 256: the two layouts from the two single kernels, x read twice.
+  FP8GEMM_RETURN_IF_ERROR(launch_quantize_block(stream, op.rows));
+  return launch_quantize_block(stream, op.cols);
 }
 
 }  // namespace
@@ -360,4 +670,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_tensor_cuda, fp8gemm::cuda::Quant
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_block_cuda, fp8gemm::cuda::QuantizeBlockImpl,
                               FP8GEMM_BIND_QUANTIZE_BLOCK(FP8GEMM_BIND),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8gemm_quantize_dual_cuda, fp8gemm::cuda::QuantizeDualImpl,
+                              FP8GEMM_BIND_QUANTIZE_DUAL(FP8GEMM_BIND),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -4,6 +4,9 @@ quantize_tensor_p:  x [G, L] float -> (q [G, L] fp8, scale [G] f32); one scale p
 quantize_block_p:   x [B, R, C] float -> (q, scales): q is x, or x transposed to [B, C, R],
                     quantized in block_rows x block_cols blocks of q's own layout;
                     scales [B, ceil(rows(q) / block_rows), ceil(cols(q) / block_cols)].
+quantize_dual_p:    x [B, R, C] float -> (q [B, R, C], scales [B, R, ceil(C / bs)],
+                    qt [B, C, R], scales_t [B, C, ceil(R / bs)]): both 1 x bs layouts
+                    (rows, and transposed) from one read of x; each equals quantize_block_p's.
 
 scale = max(amax, 1e-12) / max_finite(dtype); q = saturate(round_to_nearest_even(x / scale)).
 """
@@ -83,3 +86,34 @@ _ffi.register_lowering(
 def quantize_block(x, dtype, block_rows, block_cols, transpose=False):
     return quantize_block_p.bind(x, dtype=jnp.dtype(dtype), block_rows=int(block_rows),
                                  block_cols=int(block_cols), transpose=bool(transpose))
+
+
+# ---------------------------------------------------------------------------------------
+quantize_dual_p = c.make_primitive("quantize_dual", multiple_results=True)
+
+
+def _dual_abstract_eval(x, *, dtype, block_size):
+    c.check_float("x", x)
+    c.check_rank("x", x, 3, "[batch, rows, cols]")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    b, r, cols = x.shape
+    return (c.shaped((b, r, cols), dtype), c.shaped((b, r, c.cdiv(cols, block_size)), jnp.float32),
+            c.shaped((b, cols, r), dtype), c.shaped((b, cols, c.cdiv(r, block_size)), jnp.float32))
+
+
+def _dual_batch(args, dims, **params):
+    (x,), (d,) = args, dims
+    size = x.shape[d]
+    outs = quantize_dual_p.bind(c.fold_into_batch(x, d, size), **params)
+    return tuple(c.split_leading(o, size) for o in outs), (0,) * 4
+
+
+quantize_dual_p.def_abstract_eval(_dual_abstract_eval)
+batching.primitive_batchers[quantize_dual_p] = _dual_batch
+_ffi.register_lowering(quantize_dual_p, "quantize_dual",
+                       lambda dtype, block_size: dict(block_size=int(block_size)))
+
+
+def quantize_dual(x, dtype, block_size):
+    return quantize_dual_p.bind(x, dtype=jnp.dtype(dtype), block_size=int(block_size))
