@@ -21,9 +21,11 @@ pass an optimization barrier, so XLA computes all of them. Accuracy: calc_diff o
 step's gradients against the BF16 step's, on the same inputs.
 
 Quantization: each quantization op on a bf16 [rows, 8192] input of --quant-mb (default 256
-MB), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales), beside a
-device-to-device copy of the same input (x + 1 in bf16: one read, one write) timed the
-same way.
+MB), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales; per-tensor reads
+x twice, once for the amax and once to cast), beside a device-to-device copy of the same
+input (x + 1 in bf16: one read, one write) timed the same way, first and last (the faster
+counts). "both layouts" is
+quantize_fp8_with_transpose: one read of x, the row-quantized and the transposed copy out.
 """
 
 from __future__ import annotations
@@ -131,18 +133,62 @@ def bench_step(kind, tokens, hidden, args, timer):
     return row
 
 
+# The six GEMMs of the dense step, each alone: (name, M, N, K, FP8 scaling of b). Forward
+# and data gradients read 128 x 128 weight blocks (1D2D); weight gradients read 1 x 128
+# blocks along the tokens on both operands (1D1D) and write float32.
+def _step_gemms(tokens, hidden):
+    ffn = 4 * hidden
+    return [("fwd x@W1", tokens, 2 * ffn, hidden, "block"),
+            ("fwd h@W2", tokens, hidden, ffn, "block"),
+            ("dgrad dy@W2^T", tokens, ffn, hidden, "block"),
+            ("dgrad du@W1^T", tokens, hidden, 2 * ffn, "block"),
+            ("wgrad h^T dy", ffn, hidden, tokens, "row"),
+            ("wgrad x^T du", hidden, 2 * ffn, tokens, "row")]
+
+
+def bench_breakdown(tokens, hidden, args, timer):
+    """Each GEMM of the dense FP8 step timed alone, beside XLA's BF16 dot of that shape."""
+    out = []
+    for name, m, n, k, b_scaling in _step_gemms(tokens, hidden):
+        key = jax.random.fold_in(jax.random.key(args.seed), m + n + k)
+        make = jax.jit(lambda key: (jax.random.normal(jax.random.fold_in(key, 0), (m, k), BF16),
+                                    jax.random.normal(jax.random.fold_in(key, 1), (n, k), BF16)))
+        raw = [make(jax.random.fold_in(key, i))
+               for i in range(B._num_sets(args, 2 * (m * k + n * k)))]
+        wq = (lambda b: fg.quantize_fp8_fine_grained(b, block_shape=(128, 128))
+              if b_scaling == "block" else fg.quantize_fp8_fine_grained(b))
+        fp8_sets = tuple(fg.quantize_fp8_fine_grained(a) + wq(b) for a, b in raw)
+        out_dtype = F32 if b_scaling == "row" else BF16
+        fp8 = timer.rotated(lambda qa, sa, qb, sb: fg.fp8_gemm_fine_grained(
+            qa, qb, sa, sb, out_dtype=out_dtype, b_layout="nk", b_scaling=b_scaling), fp8_sets)
+        bf16 = timer.rotated(lambda a, b: lax.dot_general(
+            a, b, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype), tuple(raw))
+        flops = 2.0 * m * n * k
+        out.append(dict(name=name, m=m, n=n, k=k, fp8_s=fp8["s"], bf16_s=bf16["s"],
+                        fp8_tflops=flops / fp8["s"] / 1e12, bf16_tflops=flops / bf16["s"] / 1e12))
+        del raw, fp8_sets
+    return out
+
+
 # Quantization ops on x [rows, cols] bf16: (name, fn, bytes moved).
 def _quant_ops(rows, cols):
     x_bytes, q_bytes = 2 * rows * cols, rows * cols
     row_scales = 4 * rows * B._cdiv(cols, 128)
+    col_scales = 4 * cols * B._cdiv(rows, 128)
     block_scales = 4 * B._cdiv(rows, 128) * B._cdiv(cols, 128)
     return [
         ("copy (x + 1, bf16)", lambda x: x + jnp.asarray(1, BF16), 2 * x_bytes),
-        ("per-tensor e4m3", lambda x: fg.quantize_fp8(x)[0], x_bytes + q_bytes + 4),
+        # Two passes: the amax must be known before the first value is cast.
+        ("per-tensor e4m3", lambda x: fg.quantize_fp8(x)[0], 2 * x_bytes + q_bytes + 4),
         ("1 x 128 e4m3", lambda x: fg.quantize_fp8_fine_grained(x)[0],
          x_bytes + q_bytes + row_scales),
         ("1 x 128 e5m2", lambda x: fg.quantize_fp8_fine_grained(x, 128, "e5m2")[0],
          x_bytes + q_bytes + row_scales),
+        ("1 x 128 transposed", lambda x: fg.quantize_fp8_fine_grained(x, transpose=True)[0],
+         x_bytes + q_bytes + col_scales),
+        # One custom call writes all four outputs, whichever of them is used.
+        ("1 x 128 both layouts", lambda x: fg.quantize_fp8_with_transpose(x)[0],
+         x_bytes + 2 * q_bytes + row_scales + col_scales),
         ("128 x 128 e4m3", lambda x: fg.quantize_fp8_fine_grained(x, block_shape=(128, 128))[0],
          x_bytes + q_bytes + block_scales),
     ]
@@ -158,6 +204,12 @@ def bench_quantize(rows, cols, args, timer):
         res = timer.rotated(fn, sets)
         res.update(name=name, bytes=nbytes, gbps=nbytes / res["s"] / 1e9)
         out.append(res)
+    # The copy again, last: the faster of its two timings is the reference (a first
+    # measurement can catch the GPU before its clocks settle).
+    name, fn, nbytes = _quant_ops(rows, cols)[0]
+    again = timer.rotated(fn, sets)
+    if again["s"] < out[0]["s"]:
+        out[0].update(again, gbps=nbytes / again["s"] / 1e9)
     copy = out[0]["gbps"]
     for r in out:
         r["of_copy"] = r["gbps"] / copy
@@ -191,6 +243,18 @@ def run_train(args):
               f"{B._fmt_rate(rate['fp8']):>13}{B._fmt_rate(rate['bf16']):>14}"
               f"{B._fmt_ratio(speed):>13}"
               f"{B._fmt_diff(r.get('calc_diff', {}).get('dw1')):>15}")
+    breakdown = []
+    if args.breakdown:
+        h = hiddens[-1]
+        breakdown = bench_breakdown(tokens, h, args, timer)
+        print(f"\nthe dense-h{h} step's GEMMs alone (M x N x K)")
+        print(f"{'gemm':<16}{'shape':>22}{'FP8 us':>10}{'BF16 us':>10}{'FP8 TFLOP/s':>13}"
+              f"{'BF16 TFLOP/s':>14}")
+        for r in breakdown:
+            shape = f"{r['m']}x{r['n']}x{r['k']}"
+            print(f"{r['name']:<16}{shape:>22}"
+                  f"{B._fmt_us(r['fp8_s']):>10}{B._fmt_us(r['bf16_s']):>10}"
+                  f"{B._fmt_rate(r['fp8_tflops']):>13}{B._fmt_rate(r['bf16_tflops']):>14}")
     quant = []
     if args.quant_mb > 0:
         cols = 128 if args.quick else 8192
@@ -201,7 +265,7 @@ def run_train(args):
         for r in quant:
             print(f"{r['name']:<22}{B._fmt_us(r['s']):>12}{r['gbps']:>10.0f}{r['of_copy']:>10.2f}")
     if args.json:
-        B.dump_json(args.json, dict(steps=steps, quantize=quant))
+        B.dump_json(args.json, dict(steps=steps, breakdown=breakdown, quantize=quant))
     return 0
 
 
@@ -214,6 +278,8 @@ def add_parser(sub):
     p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     p.add_argument("--kinds", nargs="+", default=["dense", "moe2"], choices=["dense", "moe2"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each GEMM of the dense step alone (the largest --hidden)")
     p.add_argument("--quant-mb", type=float, default=256.0,
                    help="size of the quantization benchmark's input (0: skip it)")
     p.add_argument("--json", default="bench_train.json")
