@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             steps = np.arange(1, args.steps + 1)
             for name, style in (("fp8", "-"), ("bf16", "--")):
                 ax.plot(steps, results[name]["losses"], style,
-                        label=f"{name.upper()} (final {results[name]['final_loss']:.3f})")
+                        label=f"{name.upper()} (held-out loss {results[name]['final_loss']:.3f})")
             ax.axhline(math.log(args.vocab), color="gray", lw=0.8, label="log(vocab)")
             ax.set_xlabel("step")
             ax.set_ylabel("train loss")
