@@ -102,13 +102,20 @@ bool forced_tile(bool row_scales, int block, Tile* tile) {
 ffi::Error run(const Operands& ops, const GemmParams& params, int64_t rows, int64_t groups,
                bool row_scales, cudaStream_t stream) {
   const int sms = device_info().sms;
+  // Row scales by TMA on the compute-bound shapes (more than 128 rows per group). The
+  // producer's gather of one float per row costs shared memory a transaction per row
+  // (cp.async fills it a sector at a time): a fifth of the 256x128 mainloop's shared-memory
+  // bandwidth. On the weight-streaming shapes TMA's 16-byte rows slowed the small tiles
+  // instead (docs/PERF.md).
+  GemmParams p = params;
+  p.sa_tma = p.sb_tma = rows > 128;
   Tile tile;
   if (!forced_tile(row_scales, ops.block, &tile)) {
     tile = choose_tile(rows, groups, params.n, row_scales, ops.block, sms);
   }
 #define FP8GEMM_SM90_RUN_TILE(BM, BN, ROW)                               \
   if (tile.m == BM && tile.n == BN && row_scales == ROW) {               \
-    return launch_tile<BM, BN, ROW>(ops, params, stream, sms);           \
+    return launch_tile<BM, BN, ROW>(ops, p, stream, sms);                \
   }
   FP8GEMM_SM90_TILES(FP8GEMM_SM90_RUN_TILE)
 #undef FP8GEMM_SM90_RUN_TILE

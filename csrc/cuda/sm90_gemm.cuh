@@ -6,8 +6,10 @@
 // out[m, n] = sum_kb sa(m, kb) * sb(n, kb) * (a @ b^T over K block kb); a [M, K] and b [N, K]
 // K-major FP8. sa is [M, ceil(K/bs)] (row-major) or one per-tensor value; sb is
 // [ceil(N/bs), ceil(K/bs)] (block scales), [N, ceil(K/bs)] (row scales, kRowB: the weight
-// gradient's 1D1D form) or one value. A producer warp copies each stage's scales into
-// shared memory beside its A and B tiles.
+// gradient's 1D1D form) or one value. Each stage's row scales (a's, and b's in the 1D1D form)
+// arrive by TMA beside its A and B tiles, as 16-byte boxes of four K blocks per row, when
+// their layout allows it (rows 16-byte aligned); otherwise, and for block scales, a
+// producer warp copies them (cp.async). The math warps read every scale from shared memory.
 //
 // The same kernel runs the M-grouped GEMMs of Mixture-of-Experts: the scheduler maps each
 // tile to a group (reading the group sizes on the device), a tile never crosses a group's
@@ -45,6 +47,9 @@ struct GemmParams {
   bool masked = false;
   int64_t batch = 1, groups = 1, weight_batch = 1;
   int64_t sb_group_stride = 0;     // floats between two experts' block scales
+  // Row scales loaded by TMA: a's (sa_tma) and, in the 1D1D form, b's (sb_tma). The host
+  // asks for it, and the launch keeps it where the scale rows are 16-byte aligned.
+  bool sa_tma = false, sb_tma = false;
 };
 
 // One output tile: rows [row0, row0 + rows) of a and out (rows <= BLOCK_M: the rest of the
@@ -188,9 +193,12 @@ struct SharedStorage {
   static constexpr int kSubs = kScaleBlock < kBlockK ? kBlockK / kScaleBlock : 1;
   alignas(1024) uint8_t a[kStages][BLOCK_M * kBlockK];  // (BLOCK_M, 128) swizzled, per stage
   alignas(1024) uint8_t b[kStages][BLOCK_N * kBlockK];  // (BLOCK_N, 128) swizzled, per stage
-  float sa[kStages][kSubs][BLOCK_M];  // a's scale of each tile row
-  // b's scales: of the (at most three) column blocks spanned, or of every column (kRowB)
-  float sb[kStages][kSubs][kRowB ? BLOCK_N : 4];
+  // Row scales, per stage: [row][kb % 4] holds the scale of K block kb (a TMA box is the
+  // row's four K blocks from a multiple of four on: the one or two of the stage among them).
+  alignas(128) float sa[kStages][BLOCK_M][4];
+  // b's scales: of every column (kRowB, as sa), or of the (at most three) column blocks
+  // the tile spans, per sub-block.
+  alignas(128) float sb[kStages][kRowB ? BLOCK_N : kSubs][4];
   // Each math warp parks its tile's origin here through the mainloop (registers are full).
   struct Origin {
     int64_t row0, n0;
@@ -258,11 +266,24 @@ __device__ __forceinline__ void dispatch_offset(int offset, F&& f) {
   }
 }
 
+// A stage's place in the ring of kStages buffers, and the parity of the ring's lap (the
+// phase an mbarrier wait expects).
+template <int kStages>
+struct PipelineState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++stage == kStages) stage = 0, phase ^= 1;
+  }
+};
+
 template <class Cfg, int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA,
           Fp8Format FB>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     sm90_fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
-                         const __grid_constant__ CUtensorMap map_b, GemmParams p) {
+                         const __grid_constant__ CUtensorMap map_b,
+                         const __grid_constant__ CUtensorMap map_sa,
+                         const __grid_constant__ CUtensorMap map_sb, GemmParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Storage = typename Cfg::Storage;
   constexpr int kSubs = Cfg::kSubs;
@@ -274,11 +295,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int64_t k_stages = ceil_div(p.k, kBlockK);
   const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
+  const bool sb_tma = Cfg::kRowB && p.sb_tma;
   const Scheduler<BLOCK_M, BLOCK_N> sched(p);  // every warp, whole (grouped: a walk)
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&map_a);
     tma_prefetch_desc(&map_b);
+    if (p.sa_tma) tma_prefetch_desc(&map_sa);
+    if (sb_tma) tma_prefetch_desc(&map_sb);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&smem.full[s], 1 + 32);              // the TMA thread and the 32 scale lanes
       mbar_init(&smem.empty[s], Cfg::kMathWGs * kWgThreads);  // every math thread
@@ -288,46 +312,57 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   if (wg == Cfg::kMathWGs) {
-    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles by TMA
-    // (the whole warp takes part in each tile's group walk); warp 1 copies the stage's
-    // scales next to them (cp.async), so that the math warpgroups read every scale from
-    // shared memory. ----
+    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles (and the row
+    // scales, when they come by TMA) (the whole warp takes part in each tile's group walk);
+    // warp 1 copies the other scales next to them (cp.async). ----
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (warp > 1) return;
-    int64_t it = 0;
+    const uint32_t stage_bytes = Cfg::kStageBytes + (p.sa_tma ? BLOCK_M * 16 : 0) +
+                                 (sb_tma ? BLOCK_N * 16 : 0);
+    PipelineState<kStages> ps;
     for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
       const TileCoord tc = sched.tile(p, t);
       const int64_t nb_first = tc.n0 / kScaleBlock;
       const int64_t nb_last = (min(tc.n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
-      for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
-        const int s = it % kStages;
+      for (int64_t ks = 0; ks < k_stages; ++ks, ps.advance()) {
+        const int s = ps.stage;
+        // The first K block of the stage's scales; a 64-wide pair never straddles a box.
+        const int64_t kb0 = ks * kBlockK / kScaleBlock;
         if (warp == 0) {
           if (lane == 0) {
-            mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
-            mbar_arrive_expect_tx(&smem.full[s], Cfg::kStageBytes);
+            mbar_wait(&smem.empty[s], ps.phase ^ 1);
+            mbar_arrive_expect_tx(&smem.full[s], stage_bytes);
             tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, tc.row0);
             tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, tc.b_row0);
+            // Rows past M read as zeros, rows past a group's end are the next group's: the
+            // rows they scale are computed, never stored.
+            if (p.sa_tma) tma_load_2d(&map_sa, &smem.full[s], smem.sa[s], kb0 & ~3, tc.row0);
+            if (sb_tma) tma_load_2d(&map_sb, &smem.full[s], smem.sb[s], kb0 & ~3, tc.b_row0);
           }
           continue;
         }
-        mbar_wait(&smem.empty[s], ((it / kStages) & 1) ^ 1);
+        mbar_wait(&smem.empty[s], ps.phase ^ 1);
 #pragma unroll
         for (int sub = 0; sub < kSubs; ++sub) {
           // A K tail can leave a 64-wide sub-block empty: its (clamped) scale is never used.
-          const int64_t kb = min((ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock,
-                                 sa_blocks - 1);
+          const int64_t kb = min(kb0 + sub, sa_blocks - 1);
           // Rows past the group's (or M's) end take its last row's scale, columns past N
           // the last column's: they are computed, never stored.
+          if (!p.sa_tma) {
 #pragma unroll
-          for (int r = lane; r < BLOCK_M; r += 32) {
-            const int64_t row = tc.row0 + min(r, tc.rows - 1);
-            cp_async_4(&smem.sa[s][sub][r], tc.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
+            for (int r = lane; r < BLOCK_M; r += 32) {
+              const int64_t row = tc.row0 + min(r, tc.rows - 1);
+              cp_async_4(&smem.sa[s][r][kb % 4],
+                         tc.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
+            }
           }
           if constexpr (Cfg::kRowB) {
+            if (!sb_tma) {
 #pragma unroll
-            for (int c = lane; c < BLOCK_N; c += 32) {
-              const int64_t col = min(tc.n0 + c, p.n - 1);
-              cp_async_4(&smem.sb[s][sub][c], tc.sb + col * p.sb_ld + kb);
+              for (int c = lane; c < BLOCK_N; c += 32) {
+                const int64_t col = min(tc.n0 + c, p.n - 1);
+                cp_async_4(&smem.sb[s][c][kb % 4], tc.sb + col * p.sb_ld + kb);
+              }
             }
           } else if (lane < 3) {
             const int64_t nb = min(nb_first + lane, nb_last);
@@ -349,7 +384,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kWaveRows = 64 * Cfg::kMathWGs;
   float partial[Cfg::kAcc];
   float acc[Cfg::kWaves][Cfg::kAcc];
-  int64_t it = 0;
+  PipelineState<kStages> ps;
 
   for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
     int scale_offset;
@@ -367,12 +402,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(scale_offset, [&](auto offset) {
           constexpr int kOffset = Cfg::kOneOffset ? 0 : decltype(offset)::value;
-          for (int64_t ks = 0; ks < k_stages; ++ks, ++it) {
-            const int s = it % kStages;
-            mbar_wait(&smem.full[s], (it / kStages) & 1);
+          for (int64_t ks = 0; ks < k_stages; ++ks, ps.advance()) {
+            const int s = ps.stage;
+            mbar_wait(&smem.full[s], ps.phase);
 #pragma unroll
             for (int sub = 0; sub < kSubs; ++sub) {
               const int64_t kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
+              const int kq = static_cast<int>(kb % 4);  // the scales' column in the stage
               const bool first = (ks % Cfg::kStagesPerPromotion) == 0;
               const bool last =
                   (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
@@ -383,8 +419,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
               for (int w = 0; w < Cfg::kWaves; ++w) {
                 // Every shared-memory read of the stage comes before the empty arrive below.
-                const float sa0 = smem.sa[s][sub][w * kWaveRows + row_in_wave];
-                const float sa1 = smem.sa[s][sub][w * kWaveRows + row_in_wave + 8];
+                const float sa0 = smem.sa[s][w * kWaveRows + row_in_wave][kq];
+                const float sa1 = smem.sa[s][w * kWaveRows + row_in_wave + 8][kq];
                 const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
@@ -409,10 +445,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 if (promote && Cfg::kRowB) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                   // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
-                  const float* sb_cols = smem.sb[s][sub] + 2 * (lane % 4);
 #pragma unroll
                   for (int i = 0; i < Cfg::kAcc; ++i) {
-                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb_cols[8 * (i / 4) + i % 2];
+                    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * smem.sb[s][col][kq];
                     acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
                   }
                 } else if (promote) {
@@ -440,34 +476,66 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Epilogue: registers straight to global memory, two columns per store.
     __syncwarp();
     const auto tc = smem.origin[wg * 4 + warp];
+    if (tc.rows == BLOCK_M && tc.n0 + BLOCK_N <= p.n && p.n % 2 == 0) {
+      // A whole tile: no bounds to check, and every store's address is one of four row
+      // pointers plus a constant (accumulator 4 j + 2 h + {0, 1} of wave w is row
+      // w * kWaveRows + 8 h, columns 8 j + {0, 1}, from this thread's first element).
+      const int64_t first = (tc.row0 + row_in_wave) * p.n + tc.n0 + 2 * (lane % 4);
 #pragma unroll
-    for (int w = 0; w < Cfg::kWaves; ++w) {
+      for (int w = 0; w < Cfg::kWaves; ++w) {
 #pragma unroll
-      for (int i = 0; i < Cfg::kAcc; i += 2) {
-        const int tile_row = w * kWaveRows + row_in_wave + ((i % 4) >= 2 ? 8 : 0);
-        const int64_t row = tc.row0 + tile_row;
-        const int64_t col = tc.n0 + 8 * (i / 4) + 2 * (lane % 4);
-        if (tile_row >= tc.rows || col >= p.n) continue;
-        const int64_t idx = row * p.n + col;
-        const bool pair = col + 1 < p.n && (p.n % 2 == 0);
-        const float v0 = acc[w][i], v1 = acc[w][i + 1];
-        if (p.out_f32) {
-          float* out = static_cast<float*>(p.out);
-          // c may alias out: each element is read here, then written by this same thread.
-          const float o0 = p.c ? v0 + p.c[idx] : v0;
-          if (pair) {
-            *reinterpret_cast<float2*>(out + idx) = make_float2(o0, p.c ? v1 + p.c[idx + 1] : v1);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = first + (w * kWaveRows + 8 * h) * p.n;
+          if (p.out_f32) {
+            float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + row);
+            const float2* c = reinterpret_cast<const float2*>(p.c + row);  // may alias out
+#pragma unroll
+            for (int j = 0; j < BLOCK_N / 8; ++j) {
+              float2 v = make_float2(acc[w][4 * j + 2 * h], acc[w][4 * j + 2 * h + 1]);
+              if (p.c) v.x += c[4 * j].x, v.y += c[4 * j].y;
+              out[4 * j] = v;
+            }
           } else {
-            out[idx] = o0;
-            if (col + 1 < p.n) out[idx + 1] = p.c ? v1 + p.c[idx + 1] : v1;
+            __nv_bfloat162* out =
+                reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + row);
+#pragma unroll
+            for (int j = 0; j < BLOCK_N / 8; ++j) {
+              out[4 * j] = __floats2bfloat162_rn(acc[w][4 * j + 2 * h], acc[w][4 * j + 2 * h + 1]);
+            }
           }
-        } else {
-          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-          if (pair) {
-            *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < Cfg::kWaves; ++w) {
+#pragma unroll
+        for (int i = 0; i < Cfg::kAcc; i += 2) {
+          const int tile_row = w * kWaveRows + row_in_wave + ((i % 4) >= 2 ? 8 : 0);
+          const int64_t row = tc.row0 + tile_row;
+          const int64_t col = tc.n0 + 8 * (i / 4) + 2 * (lane % 4);
+          if (tile_row >= tc.rows || col >= p.n) continue;
+          const int64_t idx = row * p.n + col;
+          const bool pair = col + 1 < p.n && (p.n % 2 == 0);
+          const float v0 = acc[w][i], v1 = acc[w][i + 1];
+          if (p.out_f32) {
+            float* out = static_cast<float*>(p.out);
+            // c may alias out: each element is read here, then written by this same thread.
+            const float o0 = p.c ? v0 + p.c[idx] : v0;
+            if (pair) {
+              *reinterpret_cast<float2*>(out + idx) =
+                  make_float2(o0, p.c ? v1 + p.c[idx + 1] : v1);
+            } else {
+              out[idx] = o0;
+              if (col + 1 < p.n) out[idx + 1] = p.c ? v1 + p.c[idx + 1] : v1;
+            }
           } else {
-            out[idx] = __float2bfloat16_rn(v0);
-            if (col + 1 < p.n) out[idx + 1] = __float2bfloat16_rn(v1);
+            __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+            if (pair) {
+              *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
+            } else {
+              out[idx] = __float2bfloat16_rn(v0);
+              if (col + 1 < p.n) out[idx + 1] = __float2bfloat16_rn(v1);
+            }
           }
         }
       }

@@ -56,6 +56,23 @@ inline bool make_map(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Row scales [rows, ld] (float32) read in (box_rows, 4) boxes: four K blocks of box_rows
+// rows, 16 bytes per row (TMA's smallest inner box); out-of-bounds parts read as zeros.
+// TMA needs 16-byte aligned rows: false, with *map untouched, when they are not.
+inline bool make_scale_map(CUtensorMap* map, const float* data, int64_t rows, int64_t ld,
+                           int box_rows) {
+  auto encode = encode_fn();
+  if (!encode || ld % 4 != 0 || reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  cuuint64_t dims[2] = {static_cast<cuuint64_t>(ld), static_cast<cuuint64_t>(rows)};
+  cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld * sizeof(float))};
+  cuuint32_t box[2] = {4, static_cast<cuuint32_t>(box_rows)};
+  cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(data), dims, strides,
+                box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The FP8 operands of one launch: a's and b's K-major rows (TMA maps cover a_rows and b_rows
 // rows; grouped GEMMs map every group's rows at once), their formats and scale block size.
 struct Operands {
@@ -84,17 +101,22 @@ ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t st
         "sm90_fp8_gemm_kernel smem"));
     if (dev >= 0 && dev < kMaxDevices) configured[dev].store(true);
   }
-  CUtensorMap map_a, map_b;
+  CUtensorMap map_a, map_b, map_sa{}, map_sb{};
   if (!make_map(&map_a, ops.a, ops.a_rows, params.k, BLOCK_M) ||
       !make_map(&map_b, ops.b, ops.b_rows, params.k, BLOCK_N)) {
     return ffi::Error::Internal("jax_fp8gemm: cuTensorMapEncodeTiled failed");
   }
+  // Row scales by TMA when asked for and their rows are 16-byte aligned; else the producer
+  // copies them.
+  GemmParams p = params;
+  p.sa_tma = p.sa_tma && !p.tensor_scales &&
+             make_scale_map(&map_sa, p.sa, ops.a_rows, p.sa_ld, BLOCK_M);
+  p.sb_tma = p.sb_tma && kRowB && make_scale_map(&map_sb, p.sb, ops.b_rows, p.sb_ld, BLOCK_N);
   // A grouped GEMM's tile count lives on the device (its group sizes): one CTA per SM.
-  const int64_t tiles = params.sizes != nullptr
-                            ? sms
-                            : Scheduler<BLOCK_M, BLOCK_N>::dense_tiles(params.m, params.n);
+  const int64_t tiles =
+      p.sizes != nullptr ? sms : Scheduler<BLOCK_M, BLOCK_N>::dense_tiles(p.m, p.n);
   const int grid = static_cast<int>(tiles < sms ? tiles : sms);
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map_a, map_b, params);
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map_a, map_b, map_sa, map_sb, p);
   return cuda::launch_status("sm90_fp8_gemm_kernel");
 }
 

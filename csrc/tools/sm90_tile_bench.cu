@@ -97,6 +97,7 @@ struct Bench {
     GemmParams p{};
     p.m = m, p.n = n, p.k = k, p.sa = sa, p.sb = sb, p.sa_ld = kb, p.sb_ld = kb;
     p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = false;
+    p.sa_tma = m > 128;  // as the library asks (sm90_gemm.cu)
     CHECK_CUDA(cudaMemset(out, 0xff, m * n * 2));  // poison
     auto launch = [&] {
       ffi::Error err = launch_tile<BM, BN, false>(ops, p, nullptr, sms);
