@@ -123,6 +123,19 @@ def test_per_tensor_odd_shapes(device, rng, m, n, k, layout, out_name):
                check_diff=diff_is_meaningful(m, n, k))
 
 
+def test_odd_k_reaches_the_kernel_padded_to_16():
+    # The Hopper kernel needs K % 16 == 0 (TMA row pitch); other K are padded with zeros
+    # before the primitive (the odd-shape tests above check that the results are unchanged).
+    a = jnp.zeros((5, 2049), jnp.float8_e4m3fn)
+    b = jnp.zeros((7, 2049), jnp.float8_e4m3fn)
+    sa, sb = jnp.ones((5, 17), jnp.float32), jnp.ones((1, 17), jnp.float32)
+    jaxpr = jax.make_jaxpr(functools.partial(fg.fp8_gemm_fine_grained, b_layout="nk"))(
+        a, b, sa, sb)
+    (call,) = [e for e in jaxpr.eqns if e.primitive.name.endswith("gemm")]
+    assert call.invars[0].aval.shape == (5, 2064)
+    assert call.invars[1].aval.shape == (7, 2064)
+
+
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("mode", ["block", "row"])
 @pytest.mark.parametrize("block_size", [64, 256])

@@ -266,6 +266,31 @@ __device__ __forceinline__ void dispatch_offset(int offset, F&& f) {
   }
 }
 
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Transposes the 4 x 4 matrix held by a quad of lanes (lane q holds row q in v): afterwards
+// lane q holds column q, v[k] coming from lane k. Two exchanges of two values each.
+__device__ __forceinline__ void quad_transpose(uint32_t (&v)[4], int q) {
+#pragma unroll
+  for (int mask = 2; mask >= 1; mask /= 2) {
+    const bool upper = q & mask;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k & mask) continue;  // pairs (k, k + mask)
+      const uint32_t sent = upper ? v[k] : v[k + mask];
+      const uint32_t got = __shfl_xor_sync(~0u, sent, mask);
+      if (upper) {
+        v[k] = got;
+      } else {
+        v[k + mask] = got;
+      }
+    }
+  }
+}
+
 // A stage's place in the ring of kStages buffers, and the parity of the ring's lap (the
 // phase an mbarrier wait expects).
 template <int kStages>
@@ -494,6 +519,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               float2 v = make_float2(acc[w][4 * j + 2 * h], acc[w][4 * j + 2 * h + 1]);
               if (p.c) v.x += c[4 * j].x, v.y += c[4 * j].y;
               out[4 * j] = v;
+            }
+          } else if (BLOCK_N % 32 == 0 && p.n % 8 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.out) % 16 == 0) {
+            // 16 bytes per store: the quad's four lanes hold columns 8 j + 2 q + {0, 1} of
+            // four consecutive j; a 4 x 4 transpose across the quad gives lane q the eight
+            // columns of j = 4 jj + q (whole 32-byte sectors, a quarter of the stores).
+            const int q = lane % 4;
+            uint4* out = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + row -
+                                                  2 * q);
+#pragma unroll
+            for (int jj = 0; jj < BLOCK_N / 32; ++jj) {
+              uint32_t v[4];
+#pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                const int i = 4 * (4 * jj + k) + 2 * h;
+                v[k] = bf16x2_bits(acc[w][i], acc[w][i + 1]);
+              }
+              quad_transpose(v, q);
+              out[4 * jj + q] = make_uint4(v[0], v[1], v[2], v[3]);
             }
           } else {
             __nv_bfloat162* out =
