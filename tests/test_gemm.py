@@ -165,6 +165,9 @@ def test_every_sm90_tile(rng, monkeypatch, tile, block_size):
                    block_size=block_size, fmts=("e4m3", "e5m2"), check_diff=False)
         check_gemm(device, rng, 70, 200, 272, "tensor", "kn", "float32", fmts=("e5m2", "e4m3"),
                    check_diff=False)
+        # Scale rows of 4, 8 or 16 K blocks (16-byte aligned: loaded by TMA above 128 rows)
+        # and N % 8 == 0 (whole tiles stored 16 bytes a lane).
+        check_gemm(device, rng, 300, 512, 1024, "block", "nk", "bfloat16", block_size=block_size)
 
 
 # Row scales (the weight gradient's 1D1D form) run on their own tile list; 128-row tiles
@@ -183,6 +186,10 @@ def test_every_sm90_row_scale_tile(rng, monkeypatch, tile, block_size):
                    block_size=block_size)
         check_gemm(device, rng, 129, 200, 656, "row", "kn", "bfloat16", block_size=block_size,
                    fmts=("e4m3", "e5m2"), check_diff=False)
+        # Both operands' row scales by TMA (rows of 4, 8 or 16 K blocks, more than 128 rows).
+        check_gemm(device, rng, 300, 512, 1024, "row", "nk", "float32", accumulate=True,
+                   block_size=block_size)
+        check_gemm(device, rng, 300, 512, 1024, "row", "kn", "bfloat16", block_size=block_size)
 
 
 @pytest.mark.parametrize("fmts", [("e5m2", "e4m3"), ("e4m3", "e5m2"), ("e5m2", "e5m2")])

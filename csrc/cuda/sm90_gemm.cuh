@@ -369,8 +369,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         mbar_wait(&smem.empty[s], ps.phase ^ 1);
 #pragma unroll
         for (int sub = 0; sub < kSubs; ++sub) {
-          // A K tail can leave a 64-wide sub-block empty: its (clamped) scale is never used.
-          const int64_t kb = min(kb0 + sub, sa_blocks - 1);
+          // A K tail can leave a 64-wide sub-block empty: it promotes nothing, and its scale
+          // slot [kb % 4] is not copied (a clamped copy would land on the other sub-block's).
+          const int64_t kb = kb0 + sub;
+          if (kb >= sa_blocks) continue;
           // Rows past the group's (or M's) end take its last row's scale, columns past N
           // the last column's: they are computed, never stored.
           if (!p.sa_tma) {
@@ -441,6 +443,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               const bool promote = last && kb < sa_blocks;
               const float sb0 = smem.sb[s][sub][0], sb1 = smem.sb[s][sub][1],
                           sb2 = smem.sb[s][sub][2];
+              // Row scales of b: this thread's columns 8 j + 2 (lane % 4) + {0, 1}, read
+              // before the wgmmas so that their latency hides behind them.
+              float sb_cols[Cfg::kRowB ? BLOCK_N / 4 : 1];
+              if constexpr (Cfg::kRowB) {
+#pragma unroll
+                for (int c = 0; c < BLOCK_N / 4; ++c) {
+                  sb_cols[c] = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
+                }
+              }
 #pragma unroll
               for (int w = 0; w < Cfg::kWaves; ++w) {
                 // Every shared-memory read of the stage comes before the empty arrive below.
@@ -461,19 +472,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 wgmma_wait<0>();
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-                // The stage has been read (row scales: after the promotion reads them). Every
-                // thread arrives: an arrive releases only its own thread's reads of the
-                // scales (one arrive per warp after __syncwarp left racecheck reporting the
-                // producer's next writes).
-                const bool release = sub == kSubs - 1 && w == Cfg::kWaves - 1;
-                if (release && !Cfg::kRowB) mbar_arrive(&smem.empty[s]);
+                // The stage has been read. Every thread arrives: an arrive releases only its
+                // own thread's reads of the scales (one arrive per warp after __syncwarp left
+                // racecheck reporting the producer's next writes).
+                if (sub == kSubs - 1 && w == Cfg::kWaves - 1) mbar_arrive(&smem.empty[s]);
                 if (promote && Cfg::kRowB) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                   // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
 #pragma unroll
                   for (int i = 0; i < Cfg::kAcc; ++i) {
-                    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * smem.sb[s][col][kq];
+                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb_cols[2 * (i / 4) + i % 2];
                     acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
                   }
                 } else if (promote) {
@@ -492,7 +500,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
                   }
                 }
-                if (release && Cfg::kRowB) mbar_arrive(&smem.empty[s]);
               }
             }
           }
