@@ -59,23 +59,22 @@ def main():
     text = (DOCS / "PERF.md").read_text()
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
 
-    head, rows = table_after(text, "### Kernel v5, JAX benchmark")
+    head, rows = table_after(text, "### Kernel v7 beside DeepGEMM, same run")
+    rows = [r for r in rows if r[4] != "-"]  # the DeepSeek-V3 shapes and the squares
     labels = [f"{r[0]}x{r[1]}x{r[2]}" for r in rows]
     series = columns(head, rows, (
-        ("jax_fp8gemm (fine-grained)", "ours v5"),
-        ("XLA FP8 dot (unscaled)", "XLA FP8 (cuBLASLt, unscaled)"),
-        ("XLA BF16 dot", "XLA BF16"),
-        ("DeepGEMM (ANCHORS.md, other run)", "DeepGEMM (ANCHORS)")))
+        ("jax_fp8gemm (fine-grained)", "ours fine-grained"),
+        ("DeepGEMM (same run)", "DeepGEMM"),
+        ("XLA FP8 dot (unscaled)", "XLA FP8 dot (cuBLASLt, unscaled)"),
+        ("XLA BF16 dot", "XLA BF16")))
     bars(left, labels, series, "Dense FP8 GEMM, DeepSeek-V3 shapes (H200)")
 
     head, rows = table_after(text, "## Grouped FP8 GEMM")
-    labels = [r[0].split(":")[0].replace("contiguous", "contig").replace(" x ", "x")
-              .replace(", N ", " N").replace(", K ", " K") for r in rows]
+    labels = [r[0] for r in rows]
     series = columns(head, rows, (
-        ("jax_fp8gemm grouped", "ours"),
+        ("jax_fp8gemm grouped", "ours v7"),
         ("padded batch (ours, vmap)", "padded (vmap of our GEMM)"),
-        ("jax.lax.ragged_dot BF16", "ragged_dot BF16"),
-        ("DeepGEMM (ANCHORS.md, padded groups)", "DeepGEMM (ANCHORS)")))
+        ("jax.lax.ragged_dot BF16", "ragged_dot BF16")))
     bars(right, labels, series, "Grouped FP8 GEMM for MoE (H200)")
 
     fig.tight_layout()
