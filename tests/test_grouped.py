@@ -1,6 +1,7 @@
 """Grouped (MoE) GEMMs: contiguous groups, the list form, masked groups and the fused
 expert MLP, each against a per-group loop of the float64 reference."""
 
+import functools
 import math
 
 import jax
@@ -388,3 +389,31 @@ def test_permuted_grouped_matmul_equals_per_token_experts(device, rng):
     assert all(np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
                for g in grads)
 
+
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "block"])
+def test_odd_k_is_padded_to_16_with_the_same_result(device, rng, scaling):
+    # As for the dense GEMM (test_gemm.py): with K % 16 != 0, x and w reach the primitive
+    # padded with zeros to a multiple of 16 (the Hopper kernel's TMA needs it), and the
+    # result is the unpadded product.
+    k, sizes = 100, np.asarray([10, 0, 25], np.int32)
+    x = on(device, randn(rng, (40, k)))
+    w = on(device, randn(rng, (3, k, 24)))
+    qx, sx, sx_ref = quantize_tokens(x, scaling, 3)
+    qw, sw, qw_nk, sw_nk = quantize_experts(w, scaling, "kn")
+    call = functools.partial(fg.grouped_gemm, out_dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(call)(qx, qw, sx, sw, sizes)
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name.endswith("grouped_contiguous")]
+    assert eqn.invars[0].aval.shape[-1] == 112 and eqn.invars[2].aval.shape[-1] == 112
+    out = call(qx, qw, sx, sw, on(device, sizes))
+    ref, absprod = grouped_reference(qx, sx_ref, qw_nk, sw_nk, sizes, scaling)
+    assert_gemm_close(out, ref, absprod)
+
+
+def test_odd_k_mismatch_names_the_callers_k():
+    qx = jnp.zeros((40, 100), jnp.float8_e4m3fn)
+    qw = jnp.zeros((3, 24, 99), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"\(3, 24, 99\), expected \(3, N, 100\)"):
+        fg.grouped_gemm(qx, qw, jnp.ones(()), jnp.ones((3,)),
+                        jnp.asarray([10, 0, 25], jnp.int32), w_layout="nk")

@@ -108,26 +108,8 @@ _ffi.register_lowering(
     aliases=lambda n: {4: 0} if n == 5 else None)
 
 
-def pad_k(a, b):
-    """a [M, K] and b [N, K] with K padded by zeros to a multiple of 16.
-
-    The Hopper kernel loads K-major rows by TMA, whose row pitch must be a multiple of 16
-    bytes; other K ran on the portable kernel (13 TFLOP/s at 2049^3). The padding adds only
-    exact zeros to each K block's sum and never a K block (block sizes are multiples of 16),
-    so the scales keep their shapes. Operands that do not match are left for the abstract
-    evaluation to report.
-    """
-    if jnp.ndim(a) != 2 or jnp.ndim(b) != 2:
-        return a, b
-    k = jnp.shape(a)[1]
-    if k % 16 == 0 or jnp.shape(b)[1] != k:
-        return a, b
-    pad = ((0, 0), (0, -k % 16))
-    return jnp.pad(a, pad), jnp.pad(b, pad)
-
-
 def gemm(a, b, scale_a, scale_b, accumulator=None, *, scale_mode, block_size, out_dtype):
     acc = () if accumulator is None else (accumulator,)
-    a, b = pad_k(a, b)
-    return gemm_p.bind(a, b, scale_a, scale_b, *acc, scale_mode=scale_mode,
-                       block_size=int(block_size), out_dtype=jnp.dtype(out_dtype))
+    return c.bind_with_k_padded(gemm_p, (a, b, scale_a, scale_b, *acc), (0, 1),
+                                scale_mode=scale_mode, block_size=int(block_size),
+                                out_dtype=jnp.dtype(out_dtype))

@@ -142,8 +142,9 @@ _ffi.register_lowering(grouped_kgrouped_p, "grouped_kgrouped",
 
 
 def _bind_grouped(prim, x, sizes, w, scale_x, scale_w, *, scale_mode, block_size, out_dtype):
-    return prim.bind(x, sizes, w, scale_x, scale_w, scale_mode=scale_mode,
-                     block_size=int(block_size), out_dtype=jnp.dtype(out_dtype))
+    return c.bind_with_k_padded(prim, (x, sizes, w, scale_x, scale_w), (0, 2),
+                                scale_mode=scale_mode, block_size=int(block_size),
+                                out_dtype=jnp.dtype(out_dtype))
 
 
 def grouped_contiguous(*args, **params):
