@@ -505,22 +505,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           }
         });
 
-    // Epilogue: registers straight to global memory, two columns per store.
+    // Epilogue: registers straight to global memory.
     __syncwarp();
     const auto tc = smem.origin[wg * 4 + warp];
     if (tc.rows == BLOCK_M && tc.n0 + BLOCK_N <= p.n && p.n % 2 == 0) {
       // A whole tile: no bounds to check, and every store's address is one of four row
-      // pointers plus a constant (accumulator 4 j + 2 h + {0, 1} of wave w is row
+      // starts plus a constant (accumulator 4 j + 2 h + {0, 1} of wave w is row
       // w * kWaveRows + 8 h, columns 8 j + {0, 1}, from this thread's first element).
       const int64_t first = (tc.row0 + row_in_wave) * p.n + tc.n0 + 2 * (lane % 4);
 #pragma unroll
       for (int w = 0; w < Cfg::kWaves; ++w) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t row = first + (w * kWaveRows + 8 * h) * p.n;
+          const int64_t start = first + (w * kWaveRows + 8 * h) * p.n;  // element index
           if (p.out_f32) {
-            float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + row);
-            const float2* c = reinterpret_cast<const float2*>(p.c + row);  // may alias out
+            float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + start);
+            const float2* c = reinterpret_cast<const float2*>(p.c + start);  // may alias out
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j) {
               float2 v = make_float2(acc[w][4 * j + 2 * h], acc[w][4 * j + 2 * h + 1]);
@@ -533,7 +533,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             // four consecutive j; a 4 x 4 transpose across the quad gives lane q the eight
             // columns of j = 4 jj + q (whole 32-byte sectors, a quarter of the stores).
             const int q = lane % 4;
-            uint4* out = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + row -
+            uint4* out = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + start -
                                                   2 * q);
 #pragma unroll
             for (int jj = 0; jj < BLOCK_N / 32; ++jj) {
@@ -548,7 +548,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             }
           } else {
             __nv_bfloat162* out =
-                reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + row);
+                reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + start);
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j) {
               out[4 * j] = __floats2bfloat162_rn(acc[w][4 * j + 2 * h], acc[w][4 * j + 2 * h + 1]);
