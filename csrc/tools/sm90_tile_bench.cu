@@ -4,14 +4,15 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -cudart static -I csrc -I $(python3 -c "import jax; print(jax.ffi.include_dir())") \
 //        csrc/tools/sm90_tile_bench.cu -o sm90_tile_bench
-//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations]
+//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations] [row]
 //
 // For each tile it checks sampled rows against a simple reference kernel (error relative to
 // the bf16 rounding of the result plus 1e-3 of sum |a b| * scales: the tensor cores' in-block
 // precision), then times back-to-back launches with CUDA events (e4m3, 1 x 128 / 128 x 128
-// scales, bf16 out). docs/PERF.md's tile tables were measured with its scratch predecessor
-// (same kernels, same checks); this file was written from it and compiled here, and had
-// not yet run on a GPU when committed.
+// scales, bf16 out). With `row` it runs the weight gradient's 1D1D form on the row-scale
+// tiles instead: 1 x 128 scales on both operands, float32 out (added after the last GPU run
+// of its session, 2026-11-26: compiled, not yet run). docs/PERF.md's v7 tile table comes
+// from this tool; its older tables from a scratch predecessor (same kernels, same checks).
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -61,8 +62,8 @@ __global__ void fill_scales(float* p, int64_t n, uint32_t seed) {
 
 // out[r, n] and sum |a b| * scales for the sampled rows, one thread per column.
 __global__ void reference(const uint8_t* a, const uint8_t* b, const float* sa, const float* sb,
-                          int64_t n, int64_t k, int64_t kb_count, const int* rows, float* out,
-                          float* mag) {
+                          int64_t n, int64_t k, int64_t kb_count, const int* rows, bool row_b,
+                          float* out, float* mag) {
   const int64_t row = rows[blockIdx.y];
   for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < n; col += int64_t(gridDim.x) * blockDim.x) {
     float acc = 0, m = 0;
@@ -74,7 +75,7 @@ __global__ void reference(const uint8_t* a, const uint8_t* b, const float* sa, c
         part += x * y;
         part_abs += fabsf(x * y);
       }
-      const float scale = sa[row * kb_count + kb] * sb[(col / 128) * kb_count + kb];
+      const float scale = sa[row * kb_count + kb] * sb[(row_b ? col : col / 128) * kb_count + kb];
       acc += part * scale;
       m += part_abs * scale;
     }
@@ -88,32 +89,41 @@ struct Bench {
   int sms, iters;
   uint8_t *a, *b;
   float *sa, *sb, *ref, *mag;
-  __nv_bfloat16* out;
+  void* out;  // bf16, or float32 (row)
+  bool row_b;
   std::vector<int> rows;
 
-  template <int BM, int BN>
+  template <int BM, int BN, bool ROW>
   void run() {
     const Operands ops{a, m, b, n, Fp8Format::kE4M3, Fp8Format::kE4M3, 128};
     GemmParams p{};
     p.m = m, p.n = n, p.k = k, p.sa = sa, p.sb = sb, p.sa_ld = kb, p.sb_ld = kb;
-    p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = false;
-    p.sa_tma = m > 128;  // as the library asks (sm90_gemm.cu)
-    CHECK_CUDA(cudaMemset(out, 0xff, m * n * 2));  // poison
+    p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = ROW;
+    p.sa_tma = p.sb_tma = m > 128;  // as the library asks (sm90_gemm.cu)
+    CHECK_CUDA(cudaMemset(out, 0xff, m * n * (ROW ? 4 : 2)));  // poison
     auto launch = [&] {
-      ffi::Error err = launch_tile<BM, BN, false>(ops, p, nullptr, sms);
+      ffi::Error err = launch_tile<BM, BN, ROW>(ops, p, nullptr, sms);
       if (err.failure()) std::printf("launch failed\n"), std::exit(1);
     };
     launch();
     CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<float> r(rows.size() * n), mg(rows.size() * n);
-    std::vector<__nv_bfloat16> o(n);
+    std::vector<float> o(n);
+    std::vector<__nv_bfloat16> o16(n);
     CHECK_CUDA(cudaMemcpy(r.data(), ref, r.size() * 4, cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(mg.data(), mag, mg.size() * 4, cudaMemcpyDeviceToHost));
     double worst = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
-      CHECK_CUDA(cudaMemcpy(o.data(), out + rows[i] * n, n * 2, cudaMemcpyDeviceToHost));
+      if (ROW) {
+        CHECK_CUDA(cudaMemcpy(o.data(), static_cast<float*>(out) + rows[i] * n, n * 4,
+                              cudaMemcpyDeviceToHost));
+      } else {
+        CHECK_CUDA(cudaMemcpy(o16.data(), static_cast<__nv_bfloat16*>(out) + rows[i] * n, n * 2,
+                              cudaMemcpyDeviceToHost));
+        for (int64_t c = 0; c < n; ++c) o[c] = __bfloat162float(o16[c]);
+      }
       for (int64_t c = 0; c < n; ++c) {
-        const double got = __bfloat162float(o[c]), want = r[i * n + c];
+        const double got = o[c], want = r[i * n + c];
         const double e = std::abs(got - want) / (std::abs(want) / 128 + mg[i * n + c] * 1e-3 + 1e-20);
         worst = std::isnan(e) ? INFINITY : std::max(worst, e);
       }
@@ -144,6 +154,7 @@ int main(int argc, char** argv) {
   bench.m = std::atoll(argv[1]), bench.n = std::atoll(argv[2]), bench.k = std::atoll(argv[3]);
   const std::string tiles = " " + std::string(argc > 4 ? argv[4] : "all") + " ";
   bench.iters = argc > 5 ? std::atoi(argv[5]) : 20;
+  bench.row_b = argc > 6 && std::string(argv[6]) == "row";
   if (bench.k % 16 != 0) return std::printf("K must be a multiple of 16\n"), 2;
   CHECK_CUDA(cudaDeviceGetAttribute(&bench.sms, cudaDevAttrMultiProcessorCount, 0));
   const int64_t m = bench.m, n = bench.n, k = bench.k, kb = ceil_div(k, int64_t(128));
@@ -151,12 +162,13 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&bench.a, m * k));
   CHECK_CUDA(cudaMalloc(&bench.b, n * k));
   CHECK_CUDA(cudaMalloc(&bench.sa, m * kb * 4));
-  CHECK_CUDA(cudaMalloc(&bench.sb, ceil_div(n, int64_t(128)) * kb * 4));
-  CHECK_CUDA(cudaMalloc(&bench.out, m * n * 2));
+  const int64_t sb_rows = bench.row_b ? n : ceil_div(n, int64_t(128));
+  CHECK_CUDA(cudaMalloc(&bench.sb, sb_rows * kb * 4));
+  CHECK_CUDA(cudaMalloc(&bench.out, m * n * 4));
   fill_fp8<<<1024, 256>>>(bench.a, m * k, 1);
   fill_fp8<<<1024, 256>>>(bench.b, n * k, 2);
   fill_scales<<<1024, 256>>>(bench.sa, m * kb, 3);
-  fill_scales<<<1024, 256>>>(bench.sb, ceil_div(n, int64_t(128)) * kb, 4);
+  fill_scales<<<1024, 256>>>(bench.sb, sb_rows * kb, 4);
   for (int64_t r : {int64_t(0), int64_t(1), int64_t(8), int64_t(63), int64_t(64), int64_t(127),
                     int64_t(128), int64_t(255), m / 2, m - 1}) {
     if (r < m && std::find(bench.rows.begin(), bench.rows.end(), int(r)) == bench.rows.end()) {
@@ -169,11 +181,12 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&bench.mag, bench.rows.size() * n * 4));
   CHECK_CUDA(cudaMemcpy(rows, bench.rows.data(), bench.rows.size() * 4, cudaMemcpyHostToDevice));
   reference<<<dim3(unsigned(ceil_div(n, int64_t(128))), unsigned(bench.rows.size())), 128>>>(
-      bench.a, bench.b, bench.sa, bench.sb, n, k, kb, rows, bench.ref, bench.mag);
+      bench.a, bench.b, bench.sa, bench.sb, n, k, kb, rows, bench.row_b, bench.ref, bench.mag);
   CHECK_CUDA(cudaDeviceSynchronize());
 #define RUN_TILE(BM, BN, ROW)                                                             \
-  if (!ROW && (tiles == " all " || tiles.find(" " #BM "x" #BN " ") != std::string::npos)) { \
-    bench.run<BM, BN>();                                                                  \
+  if (ROW == bench.row_b &&                                                               \
+      (tiles == " all " || tiles.find(" " #BM "x" #BN " ") != std::string::npos)) {       \
+    bench.run<BM, BN, ROW>();                                                             \
   }
   FP8GEMM_SM90_TILES(RUN_TILE)
   return 0;
