@@ -390,8 +390,6 @@ def test_permuted_grouped_matmul_equals_per_token_experts(device, rng):
                for g in grads)
 
 
-
-
 @pytest.mark.parametrize("scaling", ["tensor", "block"])
 def test_odd_k_is_padded_to_16_with_the_same_result(device, rng, scaling):
     # As for the dense GEMM (test_gemm.py): with K % 16 != 0, x and w reach the primitive
@@ -411,9 +409,12 @@ def test_odd_k_is_padded_to_16_with_the_same_result(device, rng, scaling):
     assert_gemm_close(out, ref, absprod)
 
 
-def test_odd_k_mismatch_names_the_callers_k():
-    qx = jnp.zeros((40, 100), jnp.float8_e4m3fn)
-    qw = jnp.zeros((3, 24, 99), jnp.float8_e4m3fn)
-    with pytest.raises(ValueError, match=r"\(3, 24, 99\), expected \(3, N, 100\)"):
-        fg.grouped_gemm(qx, qw, jnp.ones(()), jnp.ones((3,)),
-                        jnp.asarray([10, 0, 25], jnp.int32), w_layout="nk")
+def test_odd_k_error_names_the_callers_shapes():
+    # The primitive is checked on the operands as given before K is padded, so an error
+    # shows the caller's K (100), not the padded one (112).
+    from jax_fp8gemm.primitives.grouped import grouped_masked
+    x = jnp.zeros((1, 2, 8, 100), jnp.float8_e4m3fn)  # 2 groups where masked_m has 3
+    w = jnp.zeros((1, 3, 24, 100), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"x has shape \(1, 2, 8, 100\), expected \(1, 3, 8, 100\)"):
+        grouped_masked(x, jnp.zeros((1, 3), jnp.int32), w, jnp.ones((1, 3)), jnp.ones((1, 3)),
+                       scale_mode="tensor", block_size=128, out_dtype=jnp.bfloat16)
