@@ -247,8 +247,11 @@ struct GemmConfig {
                 "a tile spans at most three column blocks of b's scales");
   static_assert(BLOCK_N <= 3 * kScaleBlock, "a tile spans at most three column blocks");
   static_assert(kAcc * (kWaves + 1) <= 200, "accumulators must fit in the math registers");
-  static_assert(kProducerRegs * kWgThreads + kMathRegs * kWgThreads * kMathWGs <= 65536,
-                "register file");
+  // setmaxnreg.inc waits until the CTA's registers allow it: what the warpgroups ask for
+  // must fit in what the CTA got at launch (at most 64K / kThreads each, in steps of 8).
+  static_assert(kProducerRegs * kWgThreads + kMathRegs * kWgThreads * kMathWGs <=
+                    65536 / kThreads / 8 * 8 * kThreads,
+                "the warpgroups' registers exceed the CTA's (setmaxnreg would wait forever)");
 };
 
 // Calls f(std::integral_constant<int, offset>) with the run-time offset made a constant
