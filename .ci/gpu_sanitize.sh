@@ -13,9 +13,9 @@
 # XLA_PYTHON_CLIENT_ALLOCATOR=platform gives every buffer its own cudaMalloc, so an access
 # past a buffer's end is outside any allocation and memcheck sees it (in XLA's pooled
 # allocator it would land in a neighbour). XLA's autotuning is off: it profiles candidate
-# kernels of its own dots (ragged_dot in the MoE tests), some of which fault on purpose-
-# built limits, and under the sanitizer such a fault ends the process ("The Sanitizer
-# failed to handle a hardware exception"), which earlier sweeps took for a crash. The
+# kernels for its own dots, and for the MoE tests' ragged_dot one of them faulted, which
+# under the sanitizer ends the process ("The Sanitizer failed to handle a hardware
+# exception"); earlier sweeps took that for a crash of ours. The
 # pieces are small because compute-sanitizer itself has segfaulted late in a long process
 # (racecheck, ~70 grouped tests) where each test alone, and every test before, was clean.
 set -uo pipefail
