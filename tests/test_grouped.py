@@ -11,8 +11,9 @@ import pytest
 
 import jax_fp8gemm as fg
 from jax_fp8gemm import reference
+from jax_fp8gemm.primitives import grouped as grouped_prim
 from conftest import hopper_device
-from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, grouped_reference, on,
+from helpers import (OUT_DTYPES, assert_gemm_close, calc_diff, dequant, grouped_reference, on,
                      on_tensor_cores, randn,
                      reference_product, rows_in_groups)
 
@@ -418,3 +419,95 @@ def test_odd_k_error_names_the_callers_shapes():
     with pytest.raises(ValueError, match=r"x has shape \(1, 2, 8, 100\), expected \(1, 3, 8, 100\)"):
         grouped_masked(x, jnp.zeros((1, 3), jnp.int32), w, jnp.ones((1, 3)), jnp.ones((1, 3)),
                        scale_mode="tensor", block_size=128, out_dtype=jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------
+# The k-grouped weight gradient: out[b, g] = a[b]_g @ b[b]_g^T over group g's tokens.
+
+def kgrouped_inputs(device, rng, batch, n, k, t, block_size, fmts=("e4m3", "e4m3"),
+                    poison_tokens=()):
+    """a [batch, n, t] and b [batch, k, t], token-major, quantized 1 x block along the
+    tokens (as the MoE backward makes them). Tokens in poison_tokens get NaN in both
+    operands (outside every group, they must not reach any output)."""
+    def make(rows, fmt):
+        x = randn(rng, (batch, rows, t))
+        q, s = fg.quantize_fp8_fine_grained(on(device, x), block_size, fmt)
+        if len(poison_tokens):
+            nan = np.asarray(q).copy()
+            nan[:, :, list(poison_tokens)] = np.nan
+            q = on(device, jnp.asarray(nan))
+        return q, s
+    return make(n, fmts[0]) + make(k, fmts[1])
+
+
+def kgrouped_reference(qa, sa, qb, sb, sizes, block_size):
+    """float64 per-(batch, group) products of the dequantized operands over the group's
+    tokens (reference.group_ranges), and |a| @ |b|^T over the same tokens."""
+    qa, qb = np.asarray(qa), np.asarray(qb)
+    sa, sb = np.asarray(sa, np.float64), np.asarray(sb, np.float64)
+    batch, n, t = qa.shape
+    k, groups = qb.shape[1], sizes.shape[1]
+    ref, absprod = np.zeros((batch, groups, n, k)), np.zeros((batch, groups, n, k))
+    for bi in range(batch):
+        da, db = dequant(qa[bi], sa[bi], 1, block_size), dequant(qb[bi], sb[bi], 1, block_size)
+        for g, (lo, hi) in enumerate(reference.group_ranges(sizes[bi], t)):
+            ref[bi, g] = da[:, lo:hi] @ db[:, lo:hi].T
+            absprod[bi, g] = np.abs(da[:, lo:hi]) @ np.abs(db[:, lo:hi]).T
+    return ref, absprod
+
+
+# Token counts (t) and group sizes [batch, groups]: ranges that start and end inside a
+# 128-token block, single tokens, empty groups, a sum below t (the tail's tokens belong to
+# no group) and past it (cut), one group with every token, t not a multiple of 16 (padded).
+KGROUPED_CASES = {
+    "uneven": (2, 600, [[0, 130, 1, 257, 64, 7, 0], [300, 0, 0, 1, 127, 129, 40]]),
+    "one-group": (1, 384, [[384]]),
+    "sum-below-and-past": (2, 272, [[5, 100, 3], [200, 100, 50]]),
+    "odd-tokens": (1, 333, [[17, 200, 100]]),
+    "all-empty": (1, 256, [[0, 0]]),
+}
+
+
+@pytest.mark.parametrize("case", list(KGROUPED_CASES))
+def test_kgrouped_matches_per_group_reference(device, rng, case):
+    batch, t, sizes = KGROUPED_CASES[case]
+    sizes = np.asarray(sizes, np.int32)
+    qa, sa, qb, sb = kgrouped_inputs(device, rng, batch, 136, 200, t, 128)
+    out = grouped_prim.grouped_kgrouped(qa, qb, on(device, sizes), sa, sb, block_size=128)
+    assert out.shape == (batch, sizes.shape[1], 136, 200) and out.dtype == jnp.float32
+    ref, absprod = kgrouped_reference(qa, sa, qb, sb, sizes, 128)
+    assert_gemm_close(out, ref, absprod)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [64, 128, 256])
+@pytest.mark.parametrize("tile", ["64x64", "64x128", "128x128"])
+def test_every_sm90_row_scale_tile_kgrouped(rng, monkeypatch, tile, block_size):
+    """The Hopper kernel's k-grouped walk on each row-scale tile: group edges at every
+    offset inside a block, NaN tokens outside every group (zeroed in shared memory before
+    the wgmmas read them), an accumulator, both FP8 formats, scale rows loaded by TMA (more
+    than 128 rows, 16-byte aligned) and by the producer (t = 1040: 9 blocks of 128)."""
+    device = hopper_device()
+    monkeypatch.setenv("JAX_FP8GEMM_SM90_TILE", tile)
+    sizes = np.asarray([[0, 129, 1, 250, 64, 7, 0, 300], [511, 0, 2, 100, 3, 33, 0, 1]],
+                       np.int32)  # sums 751 and 650 of 1040 tokens
+    t, n, k = 1040, 300, 264
+    poison = [752, 800, 1039]  # past batch entry 0's groups; batch entry 1's end at 650
+    with jax.default_device(device):
+        qa, sa, qb, sb = kgrouped_inputs(device, rng, 2, n, k, t, block_size,
+                                         fmts=("e4m3", "e5m2"), poison_tokens=poison)
+        acc = on(device, randn(rng, (2, sizes.shape[1], n, k), scale=10.0))
+        out = grouped_prim.grouped_kgrouped(qa, qb, on(device, sizes), sa, sb, acc,
+                                            block_size=block_size)
+        ref, absprod = kgrouped_reference(qa, sa, qb, sb, sizes, block_size)
+        assert_gemm_close(out, ref, absprod, accumulator=acc)
+        # Scale rows of 4, 8 or 16 blocks (t = 1024), more than 128 rows: TMA scales.
+        sizes = np.asarray([[1000, 24]], np.int32)
+        qa, sa, qb, sb = kgrouped_inputs(device, rng, 1, 300, 512, 1024, block_size)
+        out = grouped_prim.grouped_kgrouped(qa, qb, on(device, sizes), sa, sb,
+                                            block_size=block_size)
+        ref, absprod = kgrouped_reference(qa, sa, qb, sb, sizes, block_size)
+        assert_gemm_close(out, ref, absprod)
+        again = grouped_prim.grouped_kgrouped(qa, qb, on(device, sizes), sa, sb,
+                                              block_size=block_size)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(again))

@@ -323,6 +323,8 @@ ffi::Error GroupedKGroupedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBu
                                ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   KGroupedOp op;
   FP8GEMM_RETURN_IF_ERROR(DecodeKGrouped(a, b, sizes, sa, sb, c, out, block_size, &op));
+  ffi::Error status;
+  if (sm90::kgrouped(op, stream, &status)) return status;
   const int64_t row_tiles = ceil_div(op.n, kTileM), col_tiles = ceil_div(op.k, kTileN);
   return launch_gemm(stream, KGroupedTiles{op, row_tiles, col_tiles},
                      op.batch * op.groups * row_tiles * col_tiles, op.fa, op.fb);

@@ -122,6 +122,12 @@ ffi::Error run(const Operands& ops, const GemmParams& params, int64_t rows, int6
   return ffi::Error::Internal("jax_fp8gemm: no Hopper tile compiled for the chosen shape");
 }
 
+// TMA coordinates are 32-bit: K and every operand's rows must stay below 2^31.
+bool fits_tma(int64_t k, int64_t a_rows, int64_t b_rows) {
+  constexpr int64_t kMax = (int64_t(1) << 31) - kBlockK;
+  return k < kMax && a_rows < kMax && b_rows < kMax;
+}
+
 }  // namespace
 
 bool enabled() {
@@ -133,7 +139,7 @@ bool enabled() {
 bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* status) {
   const int64_t k = p.k_end;
   if (!enabled() || p.k_begin != 0 || k % 16 != 0 || p.a.ld != k || p.b.ld != k ||
-      p.ldo != p.cols || p.rows == 0 || p.cols == 0 || k == 0) {
+      p.ldo != p.cols || p.rows == 0 || p.cols == 0 || k == 0 || !fits_tma(k, p.rows, p.cols)) {
     return false;
   }
   GemmParams params;
@@ -158,7 +164,7 @@ bool grouped(const GroupedOp& op, cudaStream_t stream, ffi::Error* status) {
   const int64_t rows = op.batch * op.rows_per_batch();
   const int64_t experts = op.weight_batch * op.groups;
   if (!enabled() || op.mode == ScaleMode::kRow || op.k % 16 != 0 || op.k == 0 || rows == 0 ||
-      op.n == 0 || experts == 0) {
+      op.n == 0 || experts == 0 || !fits_tma(op.k, rows, experts * op.n)) {
     return false;
   }
   const int64_t kb = ceil_div(op.k, op.block);
@@ -185,6 +191,33 @@ bool grouped(const GroupedOp& op, cudaStream_t stream, ffi::Error* status) {
   const int64_t groups = op.batch * op.groups;
   const int64_t group_rows = op.masked ? op.m : ceil_div(op.m, op.groups);
   *status = run(ops, params, group_rows, groups, false, stream);
+  return true;
+}
+
+bool kgrouped(const KGroupedOp& op, cudaStream_t stream, ffi::Error* status) {
+  if (!enabled() || op.t % 16 != 0 || op.t == 0 || op.n == 0 || op.k == 0 || op.batch == 0 ||
+      op.groups == 0 || !fits_tma(op.t, op.batch * op.n, op.batch * op.k)) {
+    return false;
+  }
+  const int64_t tb = ceil_div(op.t, op.block);
+  GemmParams params;
+  params.m = op.n;  // out[b, g] = a_g @ b_g^T: [n, k] over the group's tokens
+  params.n = op.k;
+  params.k = op.t;
+  params.sa = op.sa;
+  params.sb = op.sb;
+  params.sa_ld = tb;
+  params.sb_ld = tb;
+  params.tensor_scales = false;
+  params.out = op.out;
+  params.c = op.c;
+  params.out_f32 = true;
+  params.k_sizes = op.sizes;
+  params.batch = op.batch;
+  params.groups = op.groups;
+  const Operands ops{op.a, op.batch * op.n, op.b, op.batch * op.k, op.fa, op.fb,
+                     static_cast<int>(op.block)};
+  *status = run(ops, params, op.n, op.batch * op.groups, true, stream);
   return true;
 }
 

@@ -13,7 +13,10 @@
 //
 // The same kernel runs the M-grouped GEMMs of Mixture-of-Experts: the scheduler maps each
 // tile to a group (reading the group sizes on the device), a tile never crosses a group's
-// rows, and b's rows and scales are those of the group's expert (Scheduler below).
+// rows, and b's rows and scales are those of the group's expert (Scheduler below). And the
+// k-grouped weight gradient: each group sums its own range of K (its tokens) into its own
+// output; the stages at the range's ends have the other groups' tokens zeroed in shared
+// memory before the wgmmas read them.
 #pragma once
 
 #include <cuda.h>
@@ -47,18 +50,24 @@ struct GemmParams {
   bool masked = false;
   int64_t batch = 1, groups = 1, weight_batch = 1;
   int64_t sb_group_stride = 0;     // floats between two experts' block scales
+  // K-grouped (k_sizes != nullptr; the 1D1D form): a is [batch * m, k] and b [batch * n,
+  // k]; group (b, g) sums K range [sizes of the earlier groups of b, + sizes[b, g]) (cut at
+  // k) into out rows [(b * groups + g) * m, + m), accumulating c's same rows when given.
+  const int32_t* k_sizes = nullptr;  // [batch, groups] on the device
   // Row scales loaded by TMA: a's (sa_tma) and, in the 1D1D form, b's (sb_tma). The host
   // asks for it, and the launch keeps it where the scale rows are 16-byte aligned.
   bool sa_tma = false, sb_tma = false;
 };
 
-// One output tile: rows [row0, row0 + rows) of a and out (rows <= BLOCK_M: the rest of the
-// tile lies past M or in the next group, and is computed but not stored), columns
-// [n0, n0 + BLOCK_N) of the expert whose rows of b start at b_row0 - n0.
+// One output tile: rows [row0, row0 + rows) of a, stored at out rows [out_row0, + rows)
+// (rows <= BLOCK_M: the rest of the tile lies past M or in the next group, and is computed
+// but not stored), columns [n0, n0 + BLOCK_N) of the expert whose rows of b start at
+// b_row0 - n0, summed over K range [k0, k1) in stages [ks_begin, ks_end) of kBlockK.
 struct TileCoord {
-  int64_t row0;
+  int64_t row0, out_row0;
   int rows;
   int64_t n0, b_row0;
+  int64_t k0, k1, ks_begin, ks_end;
   const float* sa;  // tensor mode: the group's scale; else a's scales (global rows)
   const float* sb;  // the expert's scales
 };
@@ -127,17 +136,39 @@ struct GroupWalk {
   }
 };
 
+// K range [*k0, *k1) of k-grouped group q = b * groups + g: after the earlier groups of
+// batch entry b, cut at p.k (the policy of common/problem.h's group_rows). The whole warp
+// calls it; it sums the earlier sizes 32 at a time, one group per lane.
+__device__ __forceinline__ void k_group_range(const GemmParams& p, int64_t q, int64_t* k0,
+                                              int64_t* k1) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = q / p.groups, g = q % p.groups;
+  const int32_t* sizes = p.k_sizes + b * p.groups;
+  int64_t offset = 0;
+  for (int64_t i0 = 0; i0 < g; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const int64_t size = i < g ? max(__ldg(sizes + i), 0) : 0;
+    offset += __shfl_sync(~0u, warp_inclusive_sum(size), 31);
+  }
+  const int64_t size = max(__ldg(sizes + g), 0);
+  *k0 = min(offset, p.k);
+  *k1 = min(offset + size, p.k);
+}
+
 // Tile order: groups of kSwizzleN column blocks, walked M-major inside a group, so that the
 // CTAs running at one time share a few A row blocks and a few B column blocks in L2. The
 // row blocks are the dense GEMM's, or the row tiles of all groups in order (a group's last
-// tile may be partial; the next group starts a new tile). Both the constructor and tile()
-// must be called by whole warps (the grouped walk is warp-cooperative).
-template <int BLOCK_M, int BLOCK_N>
+// tile may be partial; the next group starts a new tile), or (k-grouped) the dense row
+// blocks of every group's output, group after group. Both the constructor and tile() must
+// be called by whole warps (the group walks are warp-cooperative). M-grouped GEMMs have block
+// scales or per-tensor ones, k-grouped ones row scales (kRowB): each kernel compiles the
+// one walk it can meet (both in one kernel spilled the producer's 40 registers).
+template <int BLOCK_M, int BLOCK_N, bool kRowB>
 struct Scheduler {
   static constexpr int kSwizzleN = 16;
   int m_blocks, n_blocks;  // 32 bits: the math warps keep them through the mainloop
 
-  // Dense only (the host sizes the grid with it).
+  // Dense (the host sizes the grid with it; k-grouped: per group).
   __host__ __device__ static int64_t dense_tiles(int64_t m, int64_t n) {
     return ceil_div(m, BLOCK_M) * ceil_div(n, BLOCK_N);
   }
@@ -145,7 +176,9 @@ struct Scheduler {
   __device__ explicit Scheduler(const GemmParams& p)
       : n_blocks(static_cast<int>(ceil_div(p.n, BLOCK_N))) {
     int64_t blocks = ceil_div(p.m, BLOCK_M);
-    if (p.sizes != nullptr) {
+    if constexpr (kRowB) {
+      if (p.k_sizes != nullptr) blocks *= p.batch * p.groups;
+    } else if (p.sizes != nullptr) {
       GroupWalk<BLOCK_M> unused;
       GroupWalk<BLOCK_M>::find(p, INT64_MAX, &unused, &blocks);
     }
@@ -162,24 +195,42 @@ struct Scheduler {
     const int64_t mt = local / width;
     TileCoord c;
     c.n0 = (first_n + local % width) * BLOCK_N;
-    if (p.sizes == nullptr) {
+    c.k0 = 0;
+    c.k1 = p.k;
+    if (kRowB && p.k_sizes != nullptr) {
+      const int64_t per_group = ceil_div(p.m, BLOCK_M);
+      const int64_t q = mt / per_group, b = q / p.groups;  // the group, its batch entry
+      const int64_t local_row0 = (mt - q * per_group) * BLOCK_M;
+      c.row0 = b * p.m + local_row0;
+      c.out_row0 = q * p.m + local_row0;
+      c.rows = static_cast<int>(min(int64_t(BLOCK_M), p.m - local_row0));
+      c.b_row0 = b * p.n + c.n0;
+      c.sa = p.sa;
+      c.sb = p.sb + b * p.n * p.sb_ld;  // the producer's copies index b's scales by column
+      k_group_range(p, q, &c.k0, &c.k1);
+    } else if (kRowB || p.sizes == nullptr) {
       c.row0 = mt * BLOCK_M;
+      c.out_row0 = c.row0;
       c.rows = static_cast<int>(min(int64_t(BLOCK_M), p.m - c.row0));
       c.b_row0 = c.n0;
       c.sa = p.sa;
       c.sb = p.sb;
-      return c;
+    } else {
+      GroupWalk<BLOCK_M> gw;
+      int64_t unused;
+      GroupWalk<BLOCK_M>::find(p, mt, &gw, &unused);  // mt < m_blocks: always found
+      const int64_t b = gw.q / p.groups, g = gw.q % p.groups;
+      const int64_t expert = (p.weight_batch == 1 ? 0 : b) * p.groups + g;
+      c.row0 = gw.begin + (mt - gw.first_tile) * BLOCK_M;
+      c.out_row0 = c.row0;
+      c.rows = static_cast<int>(min(int64_t(BLOCK_M), gw.begin + gw.rows - c.row0));
+      c.b_row0 = expert * p.n + c.n0;
+      c.sa = p.tensor_scales ? p.sa + gw.q : p.sa;
+      c.sb = p.tensor_scales ? p.sb + expert : p.sb + expert * p.sb_group_stride;
     }
-    GroupWalk<BLOCK_M> gw;
-    int64_t unused;
-    GroupWalk<BLOCK_M>::find(p, mt, &gw, &unused);  // mt < m_blocks: always found
-    const int64_t b = gw.q / p.groups, g = gw.q % p.groups;
-    const int64_t expert = (p.weight_batch == 1 ? 0 : b) * p.groups + g;
-    c.row0 = gw.begin + (mt - gw.first_tile) * BLOCK_M;
-    c.rows = static_cast<int>(min(int64_t(BLOCK_M), gw.begin + gw.rows - c.row0));
-    c.b_row0 = expert * p.n + c.n0;
-    c.sa = p.tensor_scales ? p.sa + gw.q : p.sa;
-    c.sb = p.tensor_scales ? p.sb + expert : p.sb + expert * p.sb_group_stride;
+    // The stages holding [k0, k1); an empty range has none (the tile stores zeros, or c).
+    c.ks_begin = c.k0 / kBlockK;
+    c.ks_end = c.k1 > c.k0 ? ceil_div(c.k1, kBlockK) : c.ks_begin;
     return c;
   }
 };
@@ -201,7 +252,8 @@ struct SharedStorage {
   alignas(128) float sb[kStages][kRowB ? BLOCK_N : kSubs][4];
   // Each math warp parks its tile's origin here through the mainloop (registers are full).
   struct Origin {
-    int64_t row0, n0;
+    int64_t row0, n0;  // out's
+    int64_t k0, k1;    // the K range (read at its first and last stage)
     int rows;
   } origin[8];
   uint64_t full[kStages];   // producer -> math: stage loaded (TMA bytes + 32 scale lanes)
@@ -212,6 +264,7 @@ template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, bool kRowB_, F
           Fp8Format FB>
 struct GemmConfig {
   static constexpr bool kRowB = kRowB_;  // b's scales per row (1D1D), not per 128 x 128 block
+  static constexpr int kBlockM = BLOCK_M, kBlockN = BLOCK_N;
   // Each math warpgroup owns 64 rows per wave; a 256-row tile takes two waves of the two
   // warpgroups, so each B tile in smem feeds four 64-row wgmmas.
   static constexpr int kMathWGs = BLOCK_M >= 128 ? 2 : 1;
@@ -294,6 +347,48 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&v)[4], int q) {
   }
 }
 
+// Zeroes the K columns of one stage's A and B tiles that lie outside [lo, hi) (the range's
+// columns in the stage, clamped to [0, kBlockK) here): a k-grouped range's first and last
+// stages also hold the neighbouring groups' tokens, which must add nothing (zeroing both
+// operands keeps a NaN or Inf there out of the sum too). All math threads call it (thread
+// is their index among them); the tiles are rows of 128 bytes whose 16-byte chunks are
+// permuted by the 128-byte swizzle (chunk c of row r at c ^ (r % 8)). The writes are made
+// visible to the wgmmas (the async proxy) before it returns.
+template <class Cfg>
+__device__ __forceinline__ void zero_outside(uint8_t* a, uint8_t* b, int64_t lo64, int64_t hi64,
+                                             int thread) {
+  constexpr int kRowsA = Cfg::kBlockM, kRows = Cfg::kBlockM + Cfg::kBlockN;
+  constexpr int kThreads = Cfg::kMathWGs * kWgThreads;
+  const int lo = static_cast<int>(max(lo64, int64_t(0)));
+  const int hi = static_cast<int>(min(hi64, int64_t(kBlockK)));
+  if (lo == 0 && hi == kBlockK) return;  // uniform: the whole stage is the range's
+  for (int i = thread; i < kRows * 8; i += kThreads) {
+    const int r = i / 8, c = i % 8;
+    const int first = c * 16;  // the chunk's K columns: [first, first + 16)
+    if (first >= lo && first + 16 <= hi) continue;
+    uint8_t* row = r < kRowsA ? a + r * kBlockK : b + (r - kRowsA) * kBlockK;
+    uint4* chunk = reinterpret_cast<uint4*>(row + ((c ^ (r % 8)) << 4));
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (first + 16 > lo && first < hi) {  // partly inside: keep its bytes in [lo, hi)
+      v = *chunk;
+      uint32_t* words = &v.x;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        uint32_t keep = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = first + 4 * w + j;
+          if (col >= lo && col < hi) keep |= 0xffu << (8 * j);
+        }
+        words[w] &= keep;
+      }
+    }
+    *chunk = v;
+  }
+  fence_async_smem();
+  named_barrier_sync(1, kThreads);
+}
+
 // A stage's place in the ring of kStages buffers, and the parity of the ring's lap (the
 // phase an mbarrier wait expects).
 template <int kStages>
@@ -321,10 +416,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int wg = threadIdx.x / kWgThreads;
   const int tid = threadIdx.x % kWgThreads;
   const int warp = tid / 32, lane = tid % 32;
-  const int64_t k_stages = ceil_div(p.k, kBlockK);
   const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
   const bool sb_tma = Cfg::kRowB && p.sb_tma;
-  const Scheduler<BLOCK_M, BLOCK_N> sched(p);  // every warp, whole (grouped: a walk)
+  const Scheduler<BLOCK_M, BLOCK_N, Cfg::kRowB> sched(p);  // every warp, whole (grouped: a walk)
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&map_a);
@@ -352,10 +446,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const TileCoord tc = sched.tile(p, t);
       const int64_t nb_first = tc.n0 / kScaleBlock;
       const int64_t nb_last = (min(tc.n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
-      for (int64_t ks = 0; ks < k_stages; ++ks, ps.advance()) {
+      const int ks_end = static_cast<int>(tc.ks_end);  // 32 bits: 40 registers here
+      for (int ks = static_cast<int>(tc.ks_begin); ks < ks_end; ++ks, ps.advance()) {
         const int s = ps.stage;
         // The first K block of the stage's scales; a 64-wide pair never straddles a box.
-        const int64_t kb0 = ks * kBlockK / kScaleBlock;
+        const int kb0 = ks * kBlockK / kScaleBlock;
         if (warp == 0) {
           if (lane == 0) {
             mbar_wait(&smem.empty[s], ps.phase ^ 1);
@@ -374,7 +469,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         for (int sub = 0; sub < kSubs; ++sub) {
           // A K tail can leave a 64-wide sub-block empty: it promotes nothing, and its scale
           // slot [kb % 4] is not copied (a clamped copy would land on the other sub-block's).
-          const int64_t kb = kb0 + sub;
+          const int kb = kb0 + sub;
           if (kb >= sa_blocks) continue;
           // Rows past the group's (or M's) end take its last row's scale, columns past N
           // the last column's: they are computed, never stored.
@@ -418,12 +513,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
     int scale_offset;
+    int ks_begin, ks_end;  // 32 bits (TMA coordinates are: K < 2^31) for the registers
     {
       const TileCoord tc = sched.tile(p, t);
       scale_offset = static_cast<int>(tc.n0 % kScaleBlock);
+      ks_begin = static_cast<int>(tc.ks_begin);
+      ks_end = static_cast<int>(tc.ks_end);
       // The previous tile's epilogue has read the slot (program order, and the __syncwarp
       // at the end of every tile).
-      if (lane == 0) smem.origin[wg * 4 + warp] = {tc.row0, tc.n0, tc.rows};
+      if (lane == 0) smem.origin[wg * 4 + warp] = {tc.out_row0, tc.n0, tc.k0, tc.k1, tc.rows};
     }
 #pragma unroll
     for (int w = 0; w < Cfg::kWaves; ++w)
@@ -432,17 +530,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(scale_offset, [&](auto offset) {
           constexpr int kOffset = Cfg::kOneOffset ? 0 : decltype(offset)::value;
-          for (int64_t ks = 0; ks < k_stages; ++ks, ps.advance()) {
+          for (int ks = ks_begin; ks < ks_end; ++ks, ps.advance()) {
             const int s = ps.stage;
             mbar_wait(&smem.full[s], ps.phase);
+            // K-grouped: the first and last stages of a range hold other groups' tokens.
+            if constexpr (Cfg::kRowB) {
+              if (p.k_sizes != nullptr && (ks == ks_begin || ks == ks_end - 1)) {
+                const auto& o = smem.origin[wg * 4 + warp];
+                zero_outside<Cfg>(smem.a[s], smem.b[s], o.k0 - int64_t(ks) * kBlockK,
+                                  o.k1 - int64_t(ks) * kBlockK, wg * kWgThreads + tid);
+              }
+            }
 #pragma unroll
             for (int sub = 0; sub < kSubs; ++sub) {
-              const int64_t kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
+              const int kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
               const int kq = static_cast<int>(kb % 4);  // the scales' column in the stage
-              const bool first = (ks % Cfg::kStagesPerPromotion) == 0;
+              const bool first = (ks % Cfg::kStagesPerPromotion) == 0 || ks == ks_begin;
               const bool last =
                   (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
-                  ks == k_stages - 1;
+                  ks == ks_end - 1;
               const bool promote = last && kb < sa_blocks;
               const float sb0 = smem.sb[s][sub][0], sb1 = smem.sb[s][sub][1],
                           sb2 = smem.sb[s][sub][2];

@@ -20,4 +20,8 @@ bool gemm(const Problem& p, ScaleMode mode, cudaStream_t stream, ffi::Error* sta
 // only: the caller zeroes the others.
 bool grouped(const GroupedOp& op, cudaStream_t stream, ffi::Error* status);
 
+// The same for the k-grouped weight gradient (tokens a multiple of 16). It writes every
+// output, zeros (or c) for a group without tokens.
+bool kgrouped(const KGroupedOp& op, cudaStream_t stream, ffi::Error* status);
+
 }  // namespace fp8gemm::sm90

@@ -112,9 +112,12 @@ ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t st
   p.sa_tma = p.sa_tma && !p.tensor_scales &&
              make_scale_map(&map_sa, p.sa, ops.a_rows, p.sa_ld, BLOCK_M);
   p.sb_tma = p.sb_tma && kRowB && make_scale_map(&map_sb, p.sb, ops.b_rows, p.sb_ld, BLOCK_N);
-  // A grouped GEMM's tile count lives on the device (its group sizes): one CTA per SM.
+  // An M-grouped GEMM's tile count lives on the device (its group sizes): one CTA per SM.
+  // A k-grouped one has the dense count for every group.
   const int64_t tiles =
-      p.sizes != nullptr ? sms : Scheduler<BLOCK_M, BLOCK_N>::dense_tiles(p.m, p.n);
+      p.sizes != nullptr ? sms
+                         : Scheduler<BLOCK_M, BLOCK_N, kRowB>::dense_tiles(p.m, p.n) *
+                               (p.k_sizes != nullptr ? p.batch * p.groups : 1);
   const int grid = static_cast<int>(tiles < sms ? tiles : sms);
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map_a, map_b, map_sa, map_sb, p);
   return cuda::launch_status("sm90_fp8_gemm_kernel");

@@ -131,6 +131,12 @@ __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
   return desc;
 }
 
+// Barrier `id` (1-15; 0 is __syncthreads') over the first `threads` threads to reach it,
+// a multiple of 32: here the math warpgroups, without the producer.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---------------------------------------------------------------------------------------
 // Register reallocation between warpgroups (needs a register cap at kernel entry).
 

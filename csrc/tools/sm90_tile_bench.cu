@@ -24,8 +24,13 @@
 
 #include "cuda/sm90_gemm_launch.cuh"
 
+// TB_TILES(X) narrows the tiles built (and run): define it in a header given by -include.
+#ifndef TB_TILES
+#define TB_TILES FP8GEMM_SM90_TILES
+#endif
+
 namespace fp8gemm::sm90 {
-FP8GEMM_SM90_TILES(FP8GEMM_SM90_INSTANTIATE_TILE)  // (the library's are in sm90_tiles_*.cu)
+TB_TILES(FP8GEMM_SM90_INSTANTIATE_TILE)  // (the library's are in sm90_tiles_*.cu)
 }  // namespace fp8gemm::sm90
 
 using namespace fp8gemm;
@@ -188,6 +193,6 @@ int main(int argc, char** argv) {
       (tiles == " all " || tiles.find(" " #BM "x" #BN " ") != std::string::npos)) {       \
     bench.run<BM, BN, ROW>();                                                             \
   }
-  FP8GEMM_SM90_TILES(RUN_TILE)
+  TB_TILES(RUN_TILE)
   return 0;
 }

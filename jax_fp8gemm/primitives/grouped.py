@@ -156,5 +156,9 @@ def grouped_masked(*args, **params):
 
 
 def grouped_kgrouped(a, b, sizes, scale_a, scale_b, accumulator=None, *, block_size):
+    # The tokens are the reduction axis (K of the Hopper kernel): padded to a multiple of 16
+    # like K elsewhere. Padded tokens lie past every group's end or inside a group cut at
+    # the last token: zeros either way.
     acc = () if accumulator is None else (accumulator,)
-    return grouped_kgrouped_p.bind(a, b, sizes, scale_a, scale_b, *acc, block_size=int(block_size))
+    return c.bind_with_k_padded(grouped_kgrouped_p, (a, b, sizes, scale_a, scale_b, *acc),
+                                (0, 1), block_size=int(block_size))
