@@ -520,8 +520,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       ks_begin = static_cast<int>(tc.ks_begin);
       ks_end = static_cast<int>(tc.ks_end);
       // The previous tile's epilogue has read the slot (program order, and the __syncwarp
-      // at the end of every tile).
+      // at the end of every tile); the warp's lanes read it after the __syncwarp here (a
+      // k-grouped range's first stage) or before the epilogue.
       if (lane == 0) smem.origin[wg * 4 + warp] = {tc.out_row0, tc.n0, tc.k0, tc.k1, tc.rows};
+      __syncwarp();
     }
 #pragma unroll
     for (int w = 0; w < Cfg::kWaves; ++w)
@@ -617,17 +619,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Epilogue: registers straight to global memory.
     __syncwarp();
     const auto tc = smem.origin[wg * 4 + warp];
-    if (tc.rows == BLOCK_M && tc.n0 + BLOCK_N <= p.n && p.n % 2 == 0) {
-      // A whole tile: no bounds to check, and every store's address is one of four row
-      // starts plus a constant (accumulator 4 j + 2 h + {0, 1} of wave w is row
-      // w * kWaveRows + 8 h, columns 8 j + {0, 1}, from this thread's first element).
+    if (tc.n0 + BLOCK_N <= p.n && p.n % 2 == 0) {
+      // The tile's columns all lie inside N: no column to check, and every store's address
+      // is one of four row starts plus a constant (accumulator 4 j + 2 h + {0, 1} of wave w
+      // is row w * kWaveRows + 8 h, columns 8 j + {0, 1}, from this thread's first
+      // element). A tile cut by its group's (or M's) end skips its rows from tc.rows on:
+      // four checks per thread, after the quad's shuffles (every lane takes part in them).
       const int64_t first = (tc.row0 + row_in_wave) * p.n + tc.n0 + 2 * (lane % 4);
 #pragma unroll
       for (int w = 0; w < Cfg::kWaves; ++w) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          const bool row_in = w * kWaveRows + row_in_wave + 8 * h < tc.rows;
           const int64_t start = first + (w * kWaveRows + 8 * h) * p.n;  // element index
           if (p.out_f32) {
+            if (!row_in) continue;
             float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + start);
             const float2* c = reinterpret_cast<const float2*>(p.c + start);  // may alias out
 #pragma unroll
@@ -653,9 +659,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 v[k] = bf16x2_bits(acc[w][i], acc[w][i + 1]);
               }
               quad_transpose(v, q);
-              out[4 * jj + q] = make_uint4(v[0], v[1], v[2], v[3]);
+              if (row_in) out[4 * jj + q] = make_uint4(v[0], v[1], v[2], v[3]);
             }
-          } else {
+          } else if (row_in) {
             __nv_bfloat162* out =
                 reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + start);
 #pragma unroll
