@@ -23,9 +23,9 @@ step's gradients against the BF16 step's, on the same inputs.
 Quantization: each quantization op on a bf16 [rows, 8192] input of --quant-mb (default 256
 MB), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales; per-tensor reads
 x twice, once for the amax and once to cast), beside a device-to-device copy of the same
-input (x + 1 in bf16: one read, one write) timed the same way, first and last (the faster
-counts). "both layouts" is
-quantize_fp8_with_transpose: one read of x, the row-quantized and the transposed copy out.
+input (x + 1 in bf16: one read, one write) timed the same way. The list runs twice and
+each op keeps its faster time. "both layouts" is quantize_fp8_with_transpose: one read of
+x, the row-quantized and the transposed copy out.
 """
 
 from __future__ import annotations
@@ -199,17 +199,18 @@ def bench_quantize(rows, cols, args, timer):
     make = jax.jit(lambda k: jax.random.normal(k, (rows, cols), BF16))
     sets = tuple((make(jax.random.fold_in(key, i)),)
                  for i in range(B._num_sets(args, 3 * rows * cols)))
+    # Every op twice, the whole list in turn, the faster of the two kept: timed once, one
+    # kernel moved by up to 2x (1 x 128 e4m3 and e5m2 run the same kernel and came out at
+    # 0.64 and 1.20 of the copy in one run), the copy too.
     out = []
-    for name, fn, nbytes in _quant_ops(rows, cols):
-        res = timer.rotated(fn, sets)
-        res.update(name=name, bytes=nbytes, gbps=nbytes / res["s"] / 1e9)
-        out.append(res)
-    # The copy again, last: the faster of its two timings is the reference (a first
-    # measurement can catch the GPU before its clocks settle).
-    name, fn, nbytes = _quant_ops(rows, cols)[0]
-    again = timer.rotated(fn, sets)
-    if again["s"] < out[0]["s"]:
-        out[0].update(again, gbps=nbytes / again["s"] / 1e9)
+    for lap in range(2):
+        for i, (name, fn, nbytes) in enumerate(_quant_ops(rows, cols)):
+            res = timer.rotated(fn, sets)
+            res.update(name=name, bytes=nbytes, gbps=nbytes / res["s"] / 1e9)
+            if lap == 0:
+                out.append(res)
+            elif res["s"] < out[i]["s"]:
+                out[i] = res
     copy = out[0]["gbps"]
     for r in out:
         r["of_copy"] = r["gbps"] / copy
