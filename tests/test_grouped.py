@@ -479,6 +479,17 @@ def test_kgrouped_matches_per_group_reference(device, rng, case):
     assert_gemm_close(out, ref, absprod)
 
 
+def test_kgrouped_accumulates_with_padded_tokens(device, rng):
+    """Tokens not a multiple of 16 are padded before the primitive; the accumulator (which
+    the output aliases) keeps its shape and is added once."""
+    sizes = np.asarray([[40, 0, 211]], np.int32)  # 251 of 253 tokens
+    qa, sa, qb, sb = kgrouped_inputs(device, rng, 1, 72, 48, 253, 64)
+    acc = on(device, randn(rng, (1, 3, 72, 48), scale=10.0))
+    out = grouped_prim.grouped_kgrouped(qa, qb, on(device, sizes), sa, sb, acc, block_size=64)
+    ref, absprod = kgrouped_reference(qa, sa, qb, sb, sizes, 64)
+    assert_gemm_close(out, ref, absprod, accumulator=acc)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [64, 128, 256])
 @pytest.mark.parametrize("tile", ["64x64", "64x128", "128x128"])
