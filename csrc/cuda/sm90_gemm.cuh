@@ -6,10 +6,11 @@
 // out[m, n] = sum_kb sa(m, kb) * sb(n, kb) * (a @ b^T over K block kb); a [M, K] and b [N, K]
 // K-major FP8. sa is [M, ceil(K/bs)] (row-major) or one per-tensor value; sb is
 // [ceil(N/bs), ceil(K/bs)] (block scales), [N, ceil(K/bs)] (row scales, kRowB: the weight
-// gradient's 1D1D form) or one value. Each stage's row scales (a's, and b's in the 1D1D form)
-// arrive by TMA beside its A and B tiles, as 16-byte boxes of four K blocks per row, when
-// their layout allows it (rows 16-byte aligned); otherwise, and for block scales, a
-// producer warp copies them (cp.async). The math warps read every scale from shared memory.
+// gradient's 1D1D form) or one value. Each stage's scales arrive by TMA beside its A and B
+// tiles, as 16-byte boxes of four K blocks per row (a's rows, b's rows or the three column
+// blocks b's tile can span), when their layout allows it (rows 16-byte aligned); otherwise,
+// and for per-tensor scales, a producer warp copies them (cp.async). The math warps read
+// every scale from shared memory.
 //
 // The same kernel runs the M-grouped GEMMs of Mixture-of-Experts: the scheduler maps each
 // tile to a group (reading the group sizes on the device), a tile never crosses a group's
@@ -54,8 +55,8 @@ struct GemmParams {
   // k]; group (b, g) sums K range [sizes of the earlier groups of b, + sizes[b, g]) (cut at
   // k) into out rows [(b * groups + g) * m, + m), accumulating c's same rows when given.
   const int32_t* k_sizes = nullptr;  // [batch, groups] on the device
-  // Row scales loaded by TMA: a's (sa_tma) and, in the 1D1D form, b's (sb_tma). The host
-  // asks for it, and the launch keeps it where the scale rows are 16-byte aligned.
+  // Scales loaded by TMA: a's rows (sa_tma) and b's rows or blocks (sb_tma). The host asks
+  // for it, and the launch keeps it where the scale rows are 16-byte aligned.
   bool sa_tma = false, sb_tma = false;
 };
 
@@ -67,6 +68,7 @@ struct TileCoord {
   int64_t row0, out_row0;
   int rows;
   int64_t n0, b_row0;
+  int expert;  // b's expert (0 unless M-grouped): the row of its block scales' TMA map
   int64_t k0, k1, ks_begin, ks_end;
   const float* sa;  // tensor mode: the group's scale; else a's scales (global rows)
   const float* sb;  // the expert's scales
@@ -139,14 +141,15 @@ struct GroupWalk {
 // K range [*k0, *k1) of k-grouped group q = b * groups + g: after the earlier groups of
 // batch entry b, cut at p.k (the policy of common/problem.h's group_rows). The whole warp
 // calls it; it sums the earlier sizes 32 at a time, one group per lane.
-__device__ __forceinline__ void k_group_range(const GemmParams& p, int64_t q, int64_t* k0,
+__device__ __forceinline__ void k_group_range(const GemmParams& p, int q, int64_t* k0,
                                               int64_t* k1) {
   const int lane = threadIdx.x % 32;
-  const int64_t b = q / p.groups, g = q % p.groups;
-  const int32_t* sizes = p.k_sizes + b * p.groups;
+  const int groups = static_cast<int>(p.groups);
+  const int b = q / groups, g = q % groups;
+  const int32_t* sizes = p.k_sizes + int64_t(b) * groups;
   int64_t offset = 0;
-  for (int64_t i0 = 0; i0 < g; i0 += 32) {
-    const int64_t i = i0 + lane;
+  for (int i0 = 0; i0 < g; i0 += 32) {
+    const int i = i0 + lane;
     const int64_t size = i < g ? max(__ldg(sizes + i), 0) : 0;
     offset += __shfl_sync(~0u, warp_inclusive_sum(size), 31);
   }
@@ -162,7 +165,9 @@ __device__ __forceinline__ void k_group_range(const GemmParams& p, int64_t q, in
 // blocks of every group's output, group after group. Both the constructor and tile() must
 // be called by whole warps (the group walks are warp-cooperative). M-grouped GEMMs have block
 // scales or per-tensor ones, k-grouped ones row scales (kRowB): each kernel compiles the
-// one walk it can meet (both in one kernel spilled the producer's 40 registers).
+// one walk it can meet (both in one kernel spilled the producer's 40 registers). Tile
+// numbers are 32-bit (the host keeps the count below 2^31, tile_count_fits): every warp
+// maps a tile at each tile's start, and 64-bit divisions there cost the short-K shapes.
 template <int BLOCK_M, int BLOCK_N, bool kRowB>
 struct Scheduler {
   static constexpr int kSwizzleN = 16;
@@ -185,22 +190,26 @@ struct Scheduler {
     m_blocks = static_cast<int>(blocks);
   }
 
-  __device__ int64_t num_tiles() const { return int64_t(m_blocks) * n_blocks; }
+  __device__ int num_tiles() const { return m_blocks * n_blocks; }
 
-  __device__ TileCoord tile(const GemmParams& p, int64_t t) const {
-    const int64_t group = t / (int64_t(kSwizzleN) * m_blocks);
-    const int64_t first_n = group * kSwizzleN;
-    const int64_t width = min(int64_t(kSwizzleN), n_blocks - first_n);
-    const int64_t local = t - group * kSwizzleN * m_blocks;
-    const int64_t mt = local / width;
+  __device__ TileCoord tile(const GemmParams& p, int t) const {
+    // A group's tiles: min(kSwizzleN, n_blocks) * m_blocks <= num_tiles() (one group
+    // when there are fewer column blocks), so the product stays in 32 bits.
+    const int span = min(kSwizzleN, n_blocks) * m_blocks;
+    const int group = t / span;
+    const int first_n = group * kSwizzleN;
+    const int width = min(kSwizzleN, n_blocks - first_n);
+    const int local = t - group * span;
+    const int mt = local / width;
     TileCoord c;
-    c.n0 = (first_n + local % width) * BLOCK_N;
+    c.n0 = int64_t(first_n + local % width) * BLOCK_N;
+    c.expert = 0;
     c.k0 = 0;
     c.k1 = p.k;
     if (kRowB && p.k_sizes != nullptr) {
-      const int64_t per_group = ceil_div(p.m, BLOCK_M);
-      const int64_t q = mt / per_group, b = q / p.groups;  // the group, its batch entry
-      const int64_t local_row0 = (mt - q * per_group) * BLOCK_M;
+      const int per_group = static_cast<int>(ceil_div(p.m, BLOCK_M));
+      const int q = mt / per_group, b = q / static_cast<int>(p.groups);  // group, batch entry
+      const int64_t local_row0 = int64_t(mt - q * per_group) * BLOCK_M;
       c.row0 = b * p.m + local_row0;
       c.out_row0 = q * p.m + local_row0;
       c.rows = static_cast<int>(min(int64_t(BLOCK_M), p.m - local_row0));
@@ -209,7 +218,7 @@ struct Scheduler {
       c.sb = p.sb + b * p.n * p.sb_ld;  // the producer's copies index b's scales by column
       k_group_range(p, q, &c.k0, &c.k1);
     } else if (kRowB || p.sizes == nullptr) {
-      c.row0 = mt * BLOCK_M;
+      c.row0 = int64_t(mt) * BLOCK_M;
       c.out_row0 = c.row0;
       c.rows = static_cast<int>(min(int64_t(BLOCK_M), p.m - c.row0));
       c.b_row0 = c.n0;
@@ -225,6 +234,7 @@ struct Scheduler {
       c.out_row0 = c.row0;
       c.rows = static_cast<int>(min(int64_t(BLOCK_M), gw.begin + gw.rows - c.row0));
       c.b_row0 = expert * p.n + c.n0;
+      c.expert = static_cast<int>(expert);
       c.sa = p.tensor_scales ? p.sa + gw.q : p.sa;
       c.sb = p.tensor_scales ? p.sb + expert : p.sb + expert * p.sb_group_stride;
     }
@@ -247,16 +257,17 @@ struct SharedStorage {
   // Row scales, per stage: [row][kb % 4] holds the scale of K block kb (a TMA box is the
   // row's four K blocks from a multiple of four on: the one or two of the stage among them).
   alignas(128) float sa[kStages][BLOCK_M][4];
-  // b's scales: of every column (kRowB, as sa), or of the (at most three) column blocks
-  // the tile spans, per sub-block.
-  alignas(128) float sb[kStages][kRowB ? BLOCK_N : kSubs][4];
+  // b's scales, laid out as sa: of every column (kRowB), or of the (at most three) column
+  // blocks the tile spans from its first on ([j][kb % 4]: block nb_first + j; eight rows
+  // keep each stage's box 128-byte aligned for TMA).
+  alignas(128) float sb[kStages][kRowB ? BLOCK_N : 8][4];
   // Each math warp parks its tile's origin here through the mainloop (registers are full).
   struct Origin {
     int64_t row0, n0;  // out's
     int64_t k0, k1;    // the K range (read at its first and last stage)
     int rows;
   } origin[8];
-  uint64_t full[kStages];   // producer -> math: stage loaded (TMA bytes + 32 scale lanes)
+  uint64_t full[kStages];   // producer -> math: stage loaded (TMA bytes [+ 32 scale lanes])
   uint64_t empty[kStages];  // math -> producer: stage consumed
 };
 
@@ -289,7 +300,8 @@ struct GemmConfig {
       kRowB || kScaleBlock % BLOCK_N == 0 || BLOCK_N % kScaleBlock == 0;
   static constexpr int kOffsetStep = kOneOffset ? kScaleBlock : gcd(BLOCK_N, kScaleBlock);
   // Producer registers go to the math warpgroups (setmaxnreg); totals stay within 64K.
-  static constexpr int kProducerRegs = 40;
+  // Two math warpgroups leave the producer 40; with one there is room for more.
+  static constexpr int kProducerRegs = kMathWGs == 2 ? 40 : 56;
   static constexpr int kMathRegs = kMathWGs == 2 ? 232 : 240;
 
   static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "waves of 64-row wgmmas");
@@ -417,16 +429,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int tid = threadIdx.x % kWgThreads;
   const int warp = tid / 32, lane = tid % 32;
   const int64_t sa_blocks = ceil_div(p.k, kScaleBlock);
-  const bool sb_tma = Cfg::kRowB && p.sb_tma;
+  // The producer's second warp copies what TMA does not bring (per-tensor scales, or rows
+  // not 16-byte aligned) and arrives on every stage's full barrier.
+  const bool scale_warp = !(p.sa_tma && p.sb_tma);
   const Scheduler<BLOCK_M, BLOCK_N, Cfg::kRowB> sched(p);  // every warp, whole (grouped: a walk)
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&map_a);
     tma_prefetch_desc(&map_b);
     if (p.sa_tma) tma_prefetch_desc(&map_sa);
-    if (sb_tma) tma_prefetch_desc(&map_sb);
+    if (p.sb_tma) tma_prefetch_desc(&map_sb);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&smem.full[s], 1 + 32);              // the TMA thread and the 32 scale lanes
+      mbar_init(&smem.full[s], 1 + (scale_warp ? 32 : 0));  // the TMA thread [+ scale lanes]
       mbar_init(&smem.empty[s], Cfg::kMathWGs * kWgThreads);  // every math thread
     }
     fence_barrier_init();
@@ -434,15 +448,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   if (wg == Cfg::kMathWGs) {
-    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles (and the row
-    // scales, when they come by TMA) (the whole warp takes part in each tile's group walk);
-    // warp 1 copies the other scales next to them (cp.async). ----
+    // ---- Producer warpgroup: warp 0's first thread streams the A and B tiles and the
+    // scales that come by TMA (the whole warp takes part in each tile's group walk); warp 1
+    // copies the other scales next to them (cp.async), when there are any. ----
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (warp > 1) return;
+    if (warp > 1 || (warp == 1 && !scale_warp)) return;
     const uint32_t stage_bytes = Cfg::kStageBytes + (p.sa_tma ? BLOCK_M * 16 : 0) +
-                                 (sb_tma ? BLOCK_N * 16 : 0);
+                                 (p.sb_tma ? (Cfg::kRowB ? BLOCK_N : 3) * 16 : 0);
+    // Block scales' TMA map: each expert's ceil(N / block) rows after the earlier experts'.
+    const int sb_rows_per_expert = static_cast<int>(ceil_div(p.n, kScaleBlock));
     PipelineState<kStages> ps;
-    for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+    for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
       const TileCoord tc = sched.tile(p, t);
       const int64_t nb_first = tc.n0 / kScaleBlock;
       const int64_t nb_last = (min(tc.n0 + BLOCK_N, p.n) - 1) / kScaleBlock;
@@ -458,9 +474,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             tma_load_2d(&map_a, &smem.full[s], smem.a[s], ks * kBlockK, tc.row0);
             tma_load_2d(&map_b, &smem.full[s], smem.b[s], ks * kBlockK, tc.b_row0);
             // Rows past M read as zeros, rows past a group's end are the next group's: the
-            // rows they scale are computed, never stored.
+            // rows they scale are computed, never stored. So are b's block rows past the
+            // tile's last (the box always has three).
             if (p.sa_tma) tma_load_2d(&map_sa, &smem.full[s], smem.sa[s], kb0 & ~3, tc.row0);
-            if (sb_tma) tma_load_2d(&map_sb, &smem.full[s], smem.sb[s], kb0 & ~3, tc.b_row0);
+            if (p.sb_tma) {
+              const int64_t sb_row =
+                  Cfg::kRowB ? tc.b_row0 : int64_t(tc.expert) * sb_rows_per_expert + nb_first;
+              tma_load_2d(&map_sb, &smem.full[s], smem.sb[s], kb0 & ~3, sb_row);
+            }
           }
           continue;
         }
@@ -481,17 +502,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                          tc.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
             }
           }
-          if constexpr (Cfg::kRowB) {
-            if (!sb_tma) {
+          if (p.sb_tma) {
+          } else if constexpr (Cfg::kRowB) {
 #pragma unroll
-              for (int c = lane; c < BLOCK_N; c += 32) {
-                const int64_t col = min(tc.n0 + c, p.n - 1);
-                cp_async_4(&smem.sb[s][c][kb % 4], tc.sb + col * p.sb_ld + kb);
-              }
+            for (int c = lane; c < BLOCK_N; c += 32) {
+              const int64_t col = min(tc.n0 + c, p.n - 1);
+              cp_async_4(&smem.sb[s][c][kb % 4], tc.sb + col * p.sb_ld + kb);
             }
           } else if (lane < 3) {
             const int64_t nb = min(nb_first + lane, nb_last);
-            cp_async_4(&smem.sb[s][sub][lane],
+            cp_async_4(&smem.sb[s][lane][kb % 4],
                        tc.sb + (p.tensor_scales ? 0 : nb * p.sb_ld + kb));
           }
         }
@@ -506,12 +526,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   setmaxnreg_inc<Cfg::kMathRegs>();
   // Row of accumulator 0 in wave w: w * 64 * kMathWGs + row_in_wave (and + 8).
   const int row_in_wave = wg * 64 + warp * 16 + lane / 4;
+  // The wgmma descriptors' low words (start addresses, 16-byte units) of stage 0's tiles,
+  // from the warpgroup index made warp-uniform: the descriptors then stay in uniform
+  // registers, and each stage, wave and K step adds a constant.
+  const int math_wg = __shfl_sync(~0u, wg, 0);
+  const uint32_t a_desc0 =
+      static_cast<uint32_t>(smem_desc_kmajor_sw128(smem.a[0] + math_wg * 64 * kBlockK));
+  const uint32_t b_desc0 = static_cast<uint32_t>(smem_desc_kmajor_sw128(smem.b[0]));
   constexpr int kWaveRows = 64 * Cfg::kMathWGs;
   float partial[Cfg::kAcc];
   float acc[Cfg::kWaves][Cfg::kAcc];
   PipelineState<kStages> ps;
 
-  for (int64_t t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
+  for (int t = blockIdx.x; t < sched.num_tiles(); t += gridDim.x) {
     int scale_offset;
     int ks_begin, ks_end;  // 32 bits (TMA coordinates are: K < 2^31) for the registers
     {
@@ -545,15 +572,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             }
 #pragma unroll
             for (int sub = 0; sub < kSubs; ++sub) {
-              const int kb = (ks * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
+              const uint32_t kb = (uint32_t(ks) * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
               const int kq = static_cast<int>(kb % 4);  // the scales' column in the stage
               const bool first = (ks % Cfg::kStagesPerPromotion) == 0 || ks == ks_begin;
               const bool last =
                   (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
                   ks == ks_end - 1;
-              const bool promote = last && kb < sa_blocks;
-              const float sb0 = smem.sb[s][sub][0], sb1 = smem.sb[s][sub][1],
-                          sb2 = smem.sb[s][sub][2];
+              const bool promote = last && int64_t(kb) < sa_blocks;
+              const float sb0 = smem.sb[s][0][kq], sb1 = smem.sb[s][1][kq], sb2 = smem.sb[s][2][kq];
               // Row scales of b: this thread's columns 8 j + 2 (lane % 4) + {0, 1}, read
               // before the wgmmas so that their latency hides behind them.
               float sb_cols[Cfg::kRowB ? BLOCK_N / 4 : 1];
@@ -568,15 +594,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 // Every shared-memory read of the stage comes before the empty arrive below.
                 const float sa0 = smem.sa[s][w * kWaveRows + row_in_wave][kq];
                 const float sa1 = smem.sa[s][w * kWaveRows + row_in_wave + 8][kq];
-                const uint8_t* a_tile = smem.a[s] + (w * kWaveRows + wg * 64) * kBlockK;
+                const uint32_t a_lo = a_desc0 + (s * BLOCK_M + w * kWaveRows) * (kBlockK / 16);
+                const uint32_t b_lo = b_desc0 + s * BLOCK_N * (kBlockK / 16);
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
                 wgmma_fence();
 #pragma unroll
                 for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
                   const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
-                  const uint64_t da = smem_desc_kmajor_sw128(a_tile) + (k_byte >> 4);
-                  const uint64_t db = smem_desc_kmajor_sw128(smem.b[s]) + (k_byte >> 4);
+                  const uint64_t da = kSmemDescHi | (a_lo + (k_byte >> 4));
+                  const uint64_t db = kSmemDescHi | (b_lo + (k_byte >> 4));
                   Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
                 }
                 wgmma_commit();

@@ -56,8 +56,9 @@ inline bool make_map(CUtensorMap* map, const uint8_t* data, int64_t rows, int64_
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Row scales [rows, ld] (float32) read in (box_rows, 4) boxes: four K blocks of box_rows
-// rows, 16 bytes per row (TMA's smallest inner box); out-of-bounds parts read as zeros.
+// Scales [rows, ld] (float32: a's or b's rows, or b's column blocks) read in (box_rows, 4)
+// boxes: four K blocks of box_rows rows, 16 bytes per row (TMA's smallest inner box);
+// out-of-bounds parts read as zeros.
 // TMA needs 16-byte aligned rows: false, with *map untouched, when they are not.
 inline bool make_scale_map(CUtensorMap* map, const float* data, int64_t rows, int64_t ld,
                            int box_rows) {
@@ -84,12 +85,29 @@ struct Operands {
   int block;
 };
 
+// Whether the scheduler's 32-bit tile numbers cover the problem: at most every row tile of
+// a (one more per group: M-grouped groups end in partial tiles), or the dense tiles of every
+// group's output (k-grouped), times the column tiles. (An output that large would not fit
+// in a GPU's memory; the check keeps the kernel's arithmetic honest all the same.)
+template <int BLOCK_M, int BLOCK_N>
+bool tile_count_fits(const Operands& ops, const GemmParams& p) {
+  const int64_t groups = p.batch * p.groups;
+  const int64_t row_tiles = p.k_sizes != nullptr ? ceil_div(p.m, int64_t(BLOCK_M)) * groups
+                            : p.sizes != nullptr ? ceil_div(ops.a_rows, int64_t(BLOCK_M)) + groups
+                                                 : ceil_div(p.m, int64_t(BLOCK_M));
+  const int64_t col_tiles = ceil_div(p.n, int64_t(BLOCK_N));
+  return row_tiles < (int64_t(1) << 31) / col_tiles;
+}
+
 template <int BLOCK_M, int BLOCK_N, int kScaleBlock, bool kRowB, Fp8Format FA, Fp8Format FB>
 ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t stream, int sms) {
   constexpr int kStages = max_stages<BLOCK_M, BLOCK_N, kScaleBlock, kRowB>();
   using Cfg = GemmConfig<BLOCK_M, BLOCK_N, kStages, kScaleBlock, kRowB, FA, FB>;
   constexpr int kSmem = sizeof(typename Cfg::Storage);
   static_assert(kSmem <= kMaxSmem, "shared storage of the tile does not fit");
+  if (!tile_count_fits<BLOCK_M, BLOCK_N>(ops, params)) {
+    return ffi::Error::InvalidArgument("jax_fp8gemm: too many output tiles for one launch");
+  }
   auto kernel = sm90_fp8_gemm_kernel<Cfg, BLOCK_M, BLOCK_N, kStages, kScaleBlock, FA, FB>;
   // The shared-memory limit is a per-device attribute of the kernel: set it once per device.
   static std::atomic<bool> configured[kMaxDevices];
@@ -106,12 +124,18 @@ ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t st
       !make_map(&map_b, ops.b, ops.b_rows, params.k, BLOCK_N)) {
     return ffi::Error::Internal("jax_fp8gemm: cuTensorMapEncodeTiled failed");
   }
-  // Row scales by TMA when asked for and their rows are 16-byte aligned; else the producer
-  // copies them.
+  // Scales by TMA when asked for and their rows are 16-byte aligned; else the producer
+  // copies them. b's block scales: every expert's ceil(N / block) rows, three per box (the
+  // column blocks a tile can span).
   GemmParams p = params;
   p.sa_tma = p.sa_tma && !p.tensor_scales &&
              make_scale_map(&map_sa, p.sa, ops.a_rows, p.sa_ld, BLOCK_M);
-  p.sb_tma = p.sb_tma && kRowB && make_scale_map(&map_sb, p.sb, ops.b_rows, p.sb_ld, BLOCK_N);
+  if (kRowB) {
+    p.sb_tma = p.sb_tma && make_scale_map(&map_sb, p.sb, ops.b_rows, p.sb_ld, BLOCK_N);
+  } else {
+    const int64_t sb_rows = ops.b_rows / p.n * ceil_div(p.n, int64_t(kScaleBlock));
+    p.sb_tma = p.sb_tma && !p.tensor_scales && make_scale_map(&map_sb, p.sb, sb_rows, p.sb_ld, 3);
+  }
   // An M-grouped GEMM's tile count lives on the device (its group sizes): one CTA per SM.
   // A k-grouped one has the dense count for every group.
   const int64_t tiles =

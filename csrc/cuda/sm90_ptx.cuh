@@ -122,13 +122,16 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
 // (128 FP8 values of K), 8-row core groups 1024 bytes apart. The tile must be 1024-byte
 // aligned; advancing along K inside the 128-byte row adds the byte offset to the start
 // address (the swizzle is applied to the absolute address bits).
+// Its high word, the same for every tile: stride byte offset 8 rows x 128 bytes, 128-byte
+// swizzle. The low word is the start address and the (unused) leading byte offset; adding
+// a multiple of 16 bytes to a tile adds to the address field (shared memory < 256 KB: no
+// carry out of its 14 bits).
+constexpr uint64_t kSmemDescHi = (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
   const uint64_t addr = smem_addr(tile);
   uint64_t desc = (addr & 0x3ffff) >> 4;  // start address
   desc |= uint64_t(1) << 16;              // leading byte offset (unused with swizzling)
-  desc |= uint64_t(1024 >> 4) << 32;      // stride byte offset: 8 rows x 128 bytes
-  desc |= uint64_t(1) << 62;              // 128-byte swizzle
-  return desc;
+  return desc | kSmemDescHi;
 }
 
 // Barrier `id` (1-15; 0 is __syncthreads') over the first `threads` threads to reach it,
