@@ -502,8 +502,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                          tc.sa + (p.tensor_scales ? 0 : row * p.sa_ld + kb));
             }
           }
-          if (p.sb_tma) {
-          } else if constexpr (Cfg::kRowB) {
+          if (p.sb_tma) continue;
+          if constexpr (Cfg::kRowB) {
 #pragma unroll
             for (int c = lane; c < BLOCK_N; c += 32) {
               const int64_t col = min(tc.n0 + c, p.n - 1);

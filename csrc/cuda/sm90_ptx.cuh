@@ -121,12 +121,12 @@ __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"
 // Descriptor of a K-major operand tile in smem with 128-byte swizzling: rows of 128 bytes
 // (128 FP8 values of K), 8-row core groups 1024 bytes apart. The tile must be 1024-byte
 // aligned; advancing along K inside the 128-byte row adds the byte offset to the start
-// address (the swizzle is applied to the absolute address bits).
-// Its high word, the same for every tile: stride byte offset 8 rows x 128 bytes, 128-byte
-// swizzle. The low word is the start address and the (unused) leading byte offset; adding
-// a multiple of 16 bytes to a tile adds to the address field (shared memory < 256 KB: no
-// carry out of its 14 bits).
-constexpr uint64_t kSmemDescHi = (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+// address (the swizzle is applied to the absolute address bits). The high word, kSmemDescHi,
+// is the same for every tile; the low word is the start address and the (unused) leading
+// byte offset, so adding a multiple of 16 bytes to a tile adds to the low word (shared
+// memory < 256 KB: no carry out of the 14-bit address field).
+constexpr uint64_t kSmemDescHi = (uint64_t(1024 >> 4) << 32)  // stride: 8 rows x 128 bytes
+                                 | (uint64_t(1) << 62);        // 128-byte swizzle
 __device__ __forceinline__ uint64_t smem_desc_kmajor_sw128(const void* tile) {
   const uint64_t addr = smem_addr(tile);
   uint64_t desc = (addr & 0x3ffff) >> 4;  // start address
