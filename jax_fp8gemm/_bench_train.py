@@ -20,8 +20,8 @@ bench.py's (rotated input sets, the slope of two jitted programs); the step's gr
 pass an optimization barrier, so XLA computes all of them. Accuracy: calc_diff of the FP8
 step's gradients against the BF16 step's, on the same inputs.
 
-Quantization: each quantization op on a bf16 [rows, 8192] input of --quant-mb (default 256
-MB), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales; per-tensor reads
+Quantization: each quantization op on a bf16 [rows, 8192] input of --quant-mb MiB (default
+256: [16384, 8192]), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales; per-tensor reads
 x twice, once for the amax and once to cast), beside a device-to-device copy of the same
 input (x + 1 in bf16: one read, one write) timed the same way. The list runs twice and
 each op keeps its faster time. "both layouts" is quantize_fp8_with_transpose: one read of
@@ -259,9 +259,14 @@ def run_train(args):
     quant = []
     if args.quant_mb > 0:
         cols = 128 if args.quick else 8192
-        rows = 256 if args.quick else max(128, int(args.quant_mb * 1e6) // (2 * cols))
-        quant = bench_quantize(rows, cols, args, timer)
-        print(f"\nquantization of a bf16 [{rows}, {cols}] input ({2 * rows * cols / 1e6:.0f} MB)")
+        rows = 256 if args.quick else max(128, int(args.quant_mb * 2**20) // (2 * cols))
+        # A quantizer takes ~0.1-0.3 ms: 8 calls left the slope to launch jitter, so the
+        # long program runs at least 64 (~15 ms).
+        qtimer = B.Timer(args)
+        if not args.quick:
+            qtimer.target_calls = max(args.target_calls, 64)
+        quant = bench_quantize(rows, cols, args, qtimer)
+        print(f"\nquantization of a bf16 [{rows}, {cols}] input ({2 * rows * cols / 2**20:.0f} MiB)")
         print(f"{'op':<22}{'time (us)':>12}{'GB/s':>10}{'of copy':>10}")
         for r in quant:
             print(f"{r['name']:<22}{B._fmt_us(r['s']):>12}{r['gbps']:>10.0f}{r['of_copy']:>10.2f}")
@@ -277,12 +282,13 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds on a CPU")
     p.add_argument("--tokens", type=int, default=TOKENS)
     p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
-    p.add_argument("--kinds", nargs="+", default=["dense", "moe2"], choices=["dense", "moe2"])
+    p.add_argument("--kinds", nargs="*", default=["dense", "moe2"], choices=["dense", "moe2"],
+                   help="steps to time (none: only the quantizers)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--breakdown", action="store_true",
                    help="also time each GEMM of the dense step alone (the largest --hidden)")
     p.add_argument("--quant-mb", type=float, default=256.0,
-                   help="size of the quantization benchmark's input (0: skip it)")
+                   help="size of the quantization benchmark's input in MiB (0: skip it)")
     p.add_argument("--json", default="bench_train.json")
     B.add_timing_args(p, max_sets=4, target_calls=8, max_program_s=0.5)
     p.set_defaults(func=run_train)

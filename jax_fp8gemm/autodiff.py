@@ -145,11 +145,11 @@ def _matmul_bwd(recipe, w_dtype, res, dy):
         # [M, N], [M, N/bs] and [N, M], [N, M/bs]
         (qdy, sdy), (qdyt, sdyt) = _dual(dy, recipe.bwd_dtype, bs)
         dx = gemm(qdy, qw, sdy, sw, scale_mode="block", block_size=bs, out_dtype=_gemm_out(x_dtype))
-        dw = gemm(qxt, qdyt, sxt, sdyt, scale_mode="row", block_size=bs, out_dtype=jnp.float32)
+        dw = gemm(qxt, qdyt, sxt, sdyt, scale_mode="row", block_size=bs, out_dtype=_wgrad_out(w_dtype))
     else:
         qdy, sdy = _tensor(dy, recipe.bwd_dtype)
         dx = gemm(qdy, qw, sdy, sw, scale_mode="tensor", block_size=bs, out_dtype=_gemm_out(x_dtype))
-        dw = gemm(qxt, qdy.T, sxt, sdy, scale_mode="tensor", block_size=bs, out_dtype=jnp.float32)
+        dw = gemm(qxt, qdy.T, sxt, sdy, scale_mode="tensor", block_size=bs, out_dtype=_wgrad_out(w_dtype))
     return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
@@ -158,6 +158,13 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def _gemm_out(dtype):
     return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
+
+
+def _wgrad_out(w_dtype):
+    """The weight gradient's GEMM output: accumulated in float32 either way, written in w's
+    dtype when that is bfloat16 (the kernel rounds as astype would, and the float32 array,
+    twice the bytes, never goes through memory), else in float32 (then cast once)."""
+    return jnp.bfloat16 if jnp.dtype(w_dtype) == jnp.bfloat16 else jnp.float32
 
 
 # ---------------------------------------------------------------------------------------

@@ -398,6 +398,30 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// Line lane's scale and inverse scale, for the kLines lines (1 x block blocks) that a warp
+// quantizes together, from m[i], each lane's amax bits over its values of line i (lanes
+// from kLines on get line 0's, unused). Lane i computes line i's two IEEE divisions, so a
+// line costs one division pair spread over the warp instead of one on every lane, and the
+// kLines reductions are independent of each other. Line i's inverse is then
+// __shfl_sync(~0u, inverse, i).
+struct LineScale {
+  float scale, inverse;
+};
+
+template <int kLines>
+__device__ __forceinline__ LineScale line_scales(const uint32_t (&m)[kLines], Fp8Format f) {
+  static_assert(kLines <= 32, "a line per lane");
+  const int lane = threadIdx.x % 32;
+  uint32_t mine = 0;
+#pragma unroll
+  for (int i = 0; i < kLines; ++i) {
+    const uint32_t line = warp_max(m[i]);
+    if (lane == i || i == 0) mine = line;
+  }
+  const float amax = bits_to_float(mine);
+  return {scale_from_amax(amax, f), inverse_scale_from_amax(amax, f)};
+}
+
 struct TileArgs {
   const void* x;
   uint8_t *q, *qt;             // q: rows or square output; qt: the transposed output
@@ -407,9 +431,11 @@ struct TileArgs {
   int64_t row_tiles, col_tiles;  // ceil(rows / block), ceil(cols / block)
 };
 
-// (kThreads, 2): without a minimum, ptxas held the float32 tiles to 64 registers and spilled.
+// At least 4 CTAs (16-bit inputs: 32 KB tiles) or 3 (float32: 64 KB) per SM, so that some
+// CTAs stage their tile while others compute theirs.
 template <InType T, int kBlock, int kOut>
-__global__ void __launch_bounds__(kThreads, 2) portable_quantize_tile_kernel(TileArgs a) {
+__global__ void __launch_bounds__(kThreads, T == InType::kF32 ? 3 : 4)
+    portable_quantize_tile_kernel(TileArgs a) {
   using L = TileLayout<T, kBlock>;
   using Elem = typename L::Elem;
   using Chunk = typename L::Chunk;
@@ -456,55 +482,68 @@ __global__ void __launch_bounds__(kThreads, 2) portable_quantize_tile_kernel(Til
     const int64_t r0 = rt * kBlock, c0 = ct * kBlock;
 
     if constexpr ((kOut & kOutRows) != 0) {
+      // kLines rows at a time, lane i computing row i's scale (line_scales).
+      constexpr int kLines = 8;
+      static_assert(kBlock % (kLines * kWarps) == 0, "whole batches of rows per warp");
       const int k = lane * kSpan / kCV, offset = lane * kSpan % kCV;
       const int64_t c = c0 + lane * kSpan;  // the lane's first column
-      for (int rr = warp; rr < kBlock; rr += kWarps) {
-        const int64_t r = r0 + rr;
-        if (r >= a.rows) break;  // uniform over the warp
-        const Piece in =
-            *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr, k)].v + offset);
-        float v[kSpan];
-        uint32_t m = 0;
+      for (int rr0 = warp * kLines; rr0 < kBlock; rr0 += kWarps * kLines) {
+        if (r0 + rr0 >= a.rows) break;  // uniform over the warp
+        Piece in[kLines];
+        uint32_t m[kLines];
 #pragma unroll
-        for (int t = 0; t < kSpan; ++t) {
-          v[t] = load_input<T>(in.v, t);
-          m = umax(m, abs_bits(v[t]));
+        for (int i = 0; i < kLines; ++i) {
+          in[i] = *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr0 + i, k)].v + offset);
+          m[i] = 0;
+#pragma unroll
+          for (int t = 0; t < kSpan; ++t) m[i] = umax(m[i], abs_bits(load_input<T>(in[i].v, t)));
         }
-        const float amax = bits_to_float(warp_max(m));
-        const float s = scale_from_amax(amax, a.format);
-        const float inv = inverse_scale_from_amax(amax, a.format);
-        if (lane == 0) a.scales[(b * a.rows + r) * a.col_tiles + ct] = s;
-        uint8_t out[kSpan];
+        const LineScale ls = line_scales(m, a.format);
+        if (lane < kLines && r0 + rr0 + lane < a.rows) {
+          a.scales[(b * a.rows + r0 + rr0 + lane) * a.col_tiles + ct] = ls.scale;
+        }
 #pragma unroll
-        for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(v[t] * inv, a.format);
-        if (c < a.cols) store_bytes<kSpan>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+        for (int i = 0; i < kLines; ++i) {
+          const int64_t r = r0 + rr0 + i;
+          if (r >= a.rows) break;  // uniform over the warp
+          const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
+          uint8_t out[kSpan];
+#pragma unroll
+          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(load_input<T>(in[i].v, t) * inv, a.format);
+          if (c < a.cols) store_bytes<kSpan>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+        }
       }
     }
 
     if constexpr ((kOut & kOutCols) != 0) {
+      // A warp takes a chunk column k at a time: its kCV output rows, lane i computing
+      // output row i's scale (line_scales).
       const int64_t r = r0 + lane * kSpan;  // the lane's first row = output column
       for (int k = warp; k < L::kChunks; k += kWarps) {
+        const int64_t c_first = c0 + k * kCV;  // the chunk column's first output row
+        if (c_first >= a.cols) break;          // uniform over the warp
         Chunk in[kSpan];
 #pragma unroll
         for (int t = 0; t < kSpan; ++t) in[t] = tile[L::chunk_at(lane * kSpan + t, k)];
+        uint32_t m[kCV];
 #pragma unroll
         for (int j = 0; j < kCV; ++j) {
-          const int64_t c = c0 + k * kCV + j;  // the output row
-          if (c >= a.cols) break;              // uniform over the warp
-          float v[kSpan];
-          uint32_t m = 0;
+          m[j] = 0;
 #pragma unroll
-          for (int t = 0; t < kSpan; ++t) {
-            v[t] = load_input<T>(in[t].v, j);
-            m = umax(m, abs_bits(v[t]));
-          }
-          const float amax = bits_to_float(warp_max(m));
-          const float s = scale_from_amax(amax, a.format);
-          const float inv = inverse_scale_from_amax(amax, a.format);
-          if (lane == 0) a.scales_t[(b * a.cols + c) * a.row_tiles + rt] = s;
+          for (int t = 0; t < kSpan; ++t) m[j] = umax(m[j], abs_bits(load_input<T>(in[t].v, j)));
+        }
+        const LineScale ls = line_scales(m, a.format);
+        if (lane < kCV && c_first + lane < a.cols) {
+          a.scales_t[(b * a.cols + c_first + lane) * a.row_tiles + rt] = ls.scale;
+        }
+#pragma unroll
+        for (int j = 0; j < kCV; ++j) {
+          const int64_t c = c_first + j;  // the output row
+          if (c >= a.cols) break;         // uniform over the warp
+          const float inv = __shfl_sync(0xffffffffu, ls.inverse, j);
           uint8_t out[kSpan];
 #pragma unroll
-          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(v[t] * inv, a.format);
+          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(load_input<T>(in[t].v, j) * inv, a.format);
           if (r < a.rows) store_bytes<kSpan>(a.qt + (b * a.cols + c) * a.rows + r, out, a.rows - r);
         }
       }
