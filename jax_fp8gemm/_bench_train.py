@@ -21,8 +21,8 @@ pass an optimization barrier, so XLA computes all of them. Accuracy: calc_diff o
 step's gradients against the BF16 step's, on the same inputs.
 
 Quantization: each quantization op on a bf16 [rows, 8192] input of --quant-mb MiB (default
-256: [16384, 8192]), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales; per-tensor reads
-x twice, once for the amax and once to cast), beside a device-to-device copy of the same
+256: [16384, 8192]), in GB/s of the bytes it must move (bf16 in, FP8 out, float32 scales;
+per-tensor reads x twice, once for the amax and once to cast), beside a device-to-device copy of the same
 input (x + 1 in bf16: one read, one write) timed the same way. The list runs twice and
 each op keeps its faster time. "both layouts" is quantize_fp8_with_transpose: one read of
 x, the row-quantized and the transposed copy out.
@@ -232,9 +232,10 @@ def run_train(args):
             B._log(f"{row['name']}: " + "  ".join(
                 f"{k} {B._fmt_us(v.get('s'))} us ({B._fmt_rate(v.get('tflops'))} TFLOP/s)"
                 for k, v in row["impls"].items()))
-    print()
-    print(f"{'step':<14}{'tokens':>8}{'FP8 ms':>10}{'BF16 ms':>10}{'FP8 TFLOP/s':>13}"
-          f"{'BF16 TFLOP/s':>14}{'FP8 speedup':>13}{'calc_diff dW1':>15}")
+    if steps:
+        print()
+        print(f"{'step':<14}{'tokens':>8}{'FP8 ms':>10}{'BF16 ms':>10}{'FP8 TFLOP/s':>13}"
+              f"{'BF16 TFLOP/s':>14}{'FP8 speedup':>13}{'calc_diff dW1':>15}")
     for r in steps:
         t = {i: r["impls"].get(i, {}).get("s") for i in IMPLS}
         ms = {i: f"{t[i] * 1e3:.2f}" if t[i] else "-" for i in IMPLS}
@@ -266,7 +267,7 @@ def run_train(args):
         if not args.quick:
             qtimer.target_calls = max(args.target_calls, 64)
         quant = bench_quantize(rows, cols, args, qtimer)
-        print(f"\nquantization of a bf16 [{rows}, {cols}] input ({2 * rows * cols / 2**20:.0f} MiB)")
+        print(f"\nquantization of a bf16 [{rows}, {cols}] input ({2 * rows * cols / 2**20:g} MiB)")
         print(f"{'op':<22}{'time (us)':>12}{'GB/s':>10}{'of copy':>10}")
         for r in quant:
             print(f"{r['name']:<22}{B._fmt_us(r['s']):>12}{r['gbps']:>10.0f}{r['of_copy']:>10.2f}")
