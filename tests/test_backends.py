@@ -40,6 +40,33 @@ def test_quantization_identical(devices, rng):
         np.testing.assert_array_equal(s_cpu, s_gpu)
 
 
+# The CUDA tile kernel splits x into whole tiles (inside x, rows and columns multiples of
+# 8) and edge tiles, launched apart: shapes with both, with only edge tiles (rows not a
+# multiple of 8), and batched; values include NaN and inf, which poison only their blocks.
+@pytest.mark.parametrize("shape", [(1000, 4104), (2, 264, 136), (250, 392)],
+                         ids=["whole+edges", "batched", "edges-only"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("block", [64, 128])
+def test_tile_quantizers_identical(devices, rng, shape, dtype, block):
+    x = np.asarray(randn(rng, shape), np.float32)
+    x.reshape(-1)[[5, 7000]] = [np.nan, np.inf]
+    x = jnp.asarray(x, dtype)
+    fns = (lambda v: fg.quantize_fp8_fine_grained(v, block, transpose=True),
+           lambda v: fg.quantize_fp8_fine_grained(v, block, "e5m2", block_shape=(block, block)),
+           lambda v: fg.quantize_fp8_fine_grained(v, block),
+           lambda v: fg.quantize_fp8_with_transpose(v, block))
+    for fn in fns:
+        cpu, gpu = (jax.tree_util.tree_leaves(run_on(d, fn, x)) for d in devices)
+        for a, b in zip(cpu, gpu):
+            a, b = np.asarray(a), np.asarray(b)
+            nan = np.isnan(a.astype(np.float32))  # a NaN's sign bit may differ
+            np.testing.assert_array_equal(nan, np.isnan(b.astype(np.float32)))
+            if a.dtype.itemsize == 1:  # FP8 bytes
+                np.testing.assert_array_equal(a.view(np.uint8)[~nan], b.view(np.uint8)[~nan])
+            else:  # float32 scales
+                np.testing.assert_array_equal(a.view(np.uint32)[~nan], b.view(np.uint32)[~nan])
+
+
 @pytest.mark.parametrize("recipe", [fg.Recipe(), fg.Recipe(scaling="per_tensor"),
                                     fg.Recipe(block_size=64)], ids=["fine", "per_tensor", "b64"])
 def test_fp8_matmul_gradients_match(devices, rng, recipe):

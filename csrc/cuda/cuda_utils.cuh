@@ -53,21 +53,26 @@ __device__ __forceinline__ float load_input(const void* x, int64_t i) {
 }
 
 // float -> FP8 (fp8.h's float_to_fp8: round to nearest even, saturate to the largest finite
-// value, NaN stays NaN). Ada and Hopper have it in hardware (cvt.rn.satfinite), one
-// instruction per two values instead of the dozens of the portable spelling, which would
-// make the quantizers compute-bound; older GPUs run the portable one.
-__device__ __forceinline__ uint8_t to_fp8(float x, Fp8Format f) {
+// value, NaN stays NaN), two values at once: lo in the low byte, hi in the high byte. Ada
+// and Hopper have it in hardware (cvt.rn.satfinite), one instruction per pair instead of the
+// dozens a value of the portable spelling, which would make the quantizers compute-bound;
+// older GPUs run the portable one.
+__device__ __forceinline__ uint16_t to_fp8x2(float lo, float hi, Fp8Format f) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   uint16_t pair;
   if (f == Fp8Format::kE4M3) {
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(x));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
   } else {
-    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(x));
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(hi), "f"(lo));
   }
-  return static_cast<uint8_t>(pair);  // the second source lands in the low byte
+  return pair;  // the second source lands in the low byte
 #else
-  return float_to_fp8(x, f);
+  return static_cast<uint16_t>(float_to_fp8(lo, f) | float_to_fp8(hi, f) << 8);
 #endif
+}
+
+__device__ __forceinline__ uint8_t to_fp8(float x, Fp8Format f) {
+  return static_cast<uint8_t>(to_fp8x2(x, 0.0f, f));
 }
 
 template <InType T>

@@ -14,12 +14,14 @@
 //   2. portable_cast_tensor_kernel: q = fp8(x * inverse(amax[g])), walking x backwards so
 //      that it starts on what the amax pass left in L2;
 //   3. portable_scale_kernel: one thread per row turns the amax bits into the scale, in place.
-// Blockwise, one launch each (nothing crosses blocks), the fastest kernel that applies:
+// Blockwise (nothing crosses blocks), the fastest kernel that applies (DESIGN.md: they are
+// bound by instructions as much as by bytes):
 //   * portable_quantize_rows_kernel: 1 x block along rows that are whole blocks (activations
-//     and gradients): one vector load and store per lane;
+//     and gradients): one vector load and store per lane and block, 8 blocks per warp;
 //   * portable_quantize_tile_kernel: blocks of 64 and 128 transposed, square, or both 1 x
 //     block layouts at once (quantize_dual), from block x block tiles staged in shared
-//     memory, so that reads and writes both run along the contiguous axes;
+//     memory, so that reads and writes both run along the contiguous axes; whole tiles and
+//     edge tiles in separate launches;
 //   * portable_quantize_cols_kernel: transposed blocks of 256;
 //   * portable_quantize_block_kernel: everything else (one warp per 1 x block block, one
 //     CTA per block x block block).
@@ -232,53 +234,133 @@ __global__ void __launch_bounds__(kThreads) portable_quantize_block_kernel(Block
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Blockwise: helpers of the rows and tile kernels.
+
+// The blockwise kernels hold x as 32-bit words: one float, or two 16-bit values (value 2i
+// in the low half of word i, as in memory). Words<T> reads values and reduces magnitudes a
+// word at a time: a magnitude is the value's bits with the sign cleared, which order like |value|
+// (every NaN above inf, the convention of abs_bits), so for 16-bit inputs one per-halfword
+// unsigned max (__vmaxu2, one instruction on Hopper) is the amax of two values.
+template <InType T>
+struct Words {
+  static constexpr int kValues = T == InType::kF32 ? 1 : 2;  // per word
+  __device__ static uint32_t magnitudes(uint32_t w) {
+    return w & (T == InType::kF32 ? 0x7fffffffu : 0x7fff7fffu);
+  }
+  __device__ static uint32_t max(uint32_t a, uint32_t b) {
+    if constexpr (T == InType::kF32) return umax(a, b);
+    else return __vmaxu2(a, b);
+  }
+  // Value h of word w, as a float.
+  __device__ static float value(uint32_t w, int h) {
+    if constexpr (T == InType::kF32) return bits_to_float(w);
+    if constexpr (T == InType::kBF16) return bits_to_float(h ? w & 0xffff0000u : w << 16);
+    if constexpr (T == InType::kF16) return f16_bits_to_float(static_cast<uint16_t>(h ? w >> 16 : w));
+  }
+  // Value j of a word array.
+  template <int N>
+  __device__ static float value(const uint32_t (&w)[N], int j) {
+    return value(w[j / kValues], j % kValues);
+  }
+  // The amax bits (abs_bits) of a magnitudes word m's value h, and of all its values.
+  __device__ static uint32_t amax_bits(uint32_t m, int h) { return float_to_bits(value(m, h)); }
+  __device__ static uint32_t amax_bits(uint32_t m) {
+    return kValues == 1 ? amax_bits(m, 0) : umax(amax_bits(m, 0), amax_bits(m, 1));
+  }
+};
+
+// Stores the 2 * kPairs FP8 values p (pairs from to_fp8x2) at out[0, n): one vector store
+// when all fit and out is aligned, which kAligned (whole tiles) guarantees.
+template <int kPairs, bool kAligned>
+__device__ __forceinline__ void store_pairs(uint8_t* out, const uint16_t (&p)[kPairs], int n) {
+  struct alignas(2 * kPairs) Pairs {
+    uint16_t p[kPairs];
+  };
+  if (kAligned || (n >= 2 * kPairs && reinterpret_cast<uintptr_t>(out) % (2 * kPairs) == 0)) {
+    Pairs v;
+#pragma unroll
+    for (int t = 0; t < kPairs; ++t) v.p[t] = p[t];
+    *reinterpret_cast<Pairs*>(out) = v;
+  } else {
+#pragma unroll
+    for (int t = 0; t < 2 * kPairs; ++t) {
+      if (t < n) out[t] = static_cast<uint8_t>(p[t / 2] >> t % 2 * 8);
+    }
+  }
+}
+
+// Line lane's scale and inverse scale, for the kLines lines (1 x block blocks) that a warp
+// quantizes together, from m[i], each lane's amax bits over its values of line i (lanes
+// from kLines on get line 0's, unused). Lane i computes line i's two IEEE divisions, so a
+// line costs one division pair spread over the warp instead of one on every lane, and the
+// kLines reductions are independent of each other. Line i's inverse is then
+// __shfl_sync(~0u, inverse, i).
+struct LineScale {
+  float scale, inverse;
+};
+
+template <int kLines>
+__device__ __forceinline__ LineScale line_scales(const uint32_t (&m)[kLines], Fp8Format f) {
+  static_assert(kLines <= 32, "a line per lane");
+  const int lane = threadIdx.x % 32;
+  uint32_t mine = 0;
+#pragma unroll
+  for (int i = 0; i < kLines; ++i) {
+    const uint32_t line = warp_max(m[i]);
+    if (lane == i || i == 0) mine = line;
+  }
+  const float amax = bits_to_float(mine);
+  return {scale_from_amax(amax, f), inverse_scale_from_amax(amax, f)};
+}
+
 // 1 x kBlock scales along x's rows, not transposed, every row a whole number of blocks: the
-// blocks are consecutive kBlock-value runs of the flat array, scale b belongs to run b, and
-// one warp quantizes a run with kBlock / 32 values per lane, read and written as one
-// vector each. Each warp keeps two runs in flight (the loads of both before either's
-// reduction) so that enough bytes are in flight to stream at the copy bandwidth.
+// blocks are consecutive kBlock-value runs of the flat array, scale b belongs to run b. A
+// warp quantizes kLines consecutive runs at a time, kBlock / 32 values per lane of each,
+// read and written as one vector each: all kLines loads in flight before the reductions,
+// and lane i computing run i's scale (line_scales).
+constexpr int kRunsPerWarp = 8;
+
 template <InType T, int kBlock>
 __global__ void __launch_bounds__(kThreads)
     portable_quantize_rows_kernel(const void* x, uint8_t* q, float* scales, int64_t blocks,
                                   Fp8Format format) {
-  constexpr int kValues = kBlock / 32;
-  constexpr int kUnroll = 2;
-  using Elem = std::conditional_t<T == InType::kF32, float, uint16_t>;
-  struct alignas(kValues * sizeof(Elem)) In {
-    Elem v[kValues];
-  };
-  struct alignas(kValues) Out {
-    uint8_t v[kValues];
+  using W = Words<T>;
+  constexpr int kLines = kRunsPerWarp;
+  constexpr int kValues = kBlock / 32;  // per lane and run
+  constexpr int kWords = kValues / W::kValues;
+  struct alignas(kWords * 4) In {
+    uint32_t w[kWords];
   };
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * kWarps;
-  const int64_t first = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
-  for (int64_t b0 = first; b0 < blocks; b0 += kUnroll * warps) {
-    In in[kUnroll];
+  const int64_t groups = ceil_div(blocks, int64_t{kLines});
+  for (int64_t g = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32; g < groups; g += warps) {
+    const int64_t b0 = g * kLines;
+    In in[kLines];
+    uint32_t m[kLines];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t b = b0 + u * warps;
-      if (b < blocks) in[u] = static_cast<const In*>(x)[b * 32 + lane];
+    for (int i = 0; i < kLines; ++i) {
+      in[i] = b0 + i < blocks ? static_cast<const In*>(x)[(b0 + i) * 32 + lane] : In{};
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t b = b0 + u * warps;
-      if (b >= blocks) break;  // uniform over the warp
-      float v[kValues];
-      uint32_t m = 0;
+    for (int i = 0; i < kLines; ++i) {
+      uint32_t mw = W::magnitudes(in[i].w[0]);
 #pragma unroll
-      for (int i = 0; i < kValues; ++i) {
-        v[i] = load_input<T>(in[u].v, i);
-        m = umax(m, abs_bits(v[i]));
+      for (int u = 1; u < kWords; ++u) mw = W::max(mw, W::magnitudes(in[i].w[u]));
+      m[i] = W::amax_bits(mw);
+    }
+    const LineScale ls = line_scales(m, format);
+    if (lane < kLines && b0 + lane < blocks) scales[b0 + lane] = ls.scale;
+#pragma unroll
+    for (int i = 0; i < kLines; ++i) {
+      const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
+      uint16_t out[kValues / 2];
+#pragma unroll
+      for (int t = 0; t < kValues / 2; ++t) {
+        out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv, format);
       }
-      const float amax = bits_to_float(warp_max(m));
-      const float s = scale_from_amax(amax, format);
-      const float inv = inverse_scale_from_amax(amax, format);
-      if (lane == 0) scales[b] = s;
-      Out out;
-#pragma unroll
-      for (int i = 0; i < kValues; ++i) out.v[i] = to_fp8(v[i] * inv, format);
-      reinterpret_cast<Out*>(q)[b * 32 + lane] = out;
+      if (b0 + i < blocks) store_pairs<kValues / 2, true>(q + ((b0 + i) * 32 + lane) * kValues, out, kValues);
     }
   }
 }
@@ -367,59 +449,20 @@ struct TileLayout {
   static constexpr int kChunks = kBlock / kChunkValues;  // per tile row
   static constexpr int kSpan = kBlock / 32;              // per lane: values (rows), rows (cols)
   static constexpr size_t kSmem = size_t{kBlock} * kBlock * sizeof(Elem);
-  static_assert(kChunks % 8 == 0 && kSpan * sizeof(Elem) <= 16, "tile layout");
+  static_assert(kChunks % 8 == 0 && kSpan * sizeof(Elem) <= 16 && kSpan % 2 == 0, "tile layout");
   struct alignas(16) Chunk {
-    Elem v[kChunkValues];
+    uint32_t w[4];
   };
-  struct alignas(kSpan * sizeof(Elem)) Piece {
-    Elem v[kSpan];
+  static constexpr int kPieceWords = kSpan * sizeof(Elem) / 4;
+  struct alignas(kPieceWords * 4) Piece {  // a lane's kSpan values of a tile row
+    uint32_t w[kPieceWords];
   };
   __device__ static int chunk_at(int r, int k) { return r * kChunks + (k ^ (r / kSpan % 8)); }
 };
 
-// Stores the kN bytes v at out[0, n): one vector when all fit and out is aligned.
-template <int kN>
-__device__ __forceinline__ void store_bytes(uint8_t* out, const uint8_t (&v)[kN], int64_t n) {
-  struct alignas(kN) Bytes {
-    uint8_t v[kN];
-  };
-  if (n >= kN && reinterpret_cast<uintptr_t>(out) % kN == 0) {
-    Bytes b;
-#pragma unroll
-    for (int t = 0; t < kN; ++t) b.v[t] = v[t];
-    *reinterpret_cast<Bytes*>(out) = b;
-  } else {
-    for (int t = 0; t < kN && t < n; ++t) out[t] = v[t];
-  }
-}
-
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-
-// Line lane's scale and inverse scale, for the kLines lines (1 x block blocks) that a warp
-// quantizes together, from m[i], each lane's amax bits over its values of line i (lanes
-// from kLines on get line 0's, unused). Lane i computes line i's two IEEE divisions, so a
-// line costs one division pair spread over the warp instead of one on every lane, and the
-// kLines reductions are independent of each other. Line i's inverse is then
-// __shfl_sync(~0u, inverse, i).
-struct LineScale {
-  float scale, inverse;
-};
-
-template <int kLines>
-__device__ __forceinline__ LineScale line_scales(const uint32_t (&m)[kLines], Fp8Format f) {
-  static_assert(kLines <= 32, "a line per lane");
-  const int lane = threadIdx.x % 32;
-  uint32_t mine = 0;
-#pragma unroll
-  for (int i = 0; i < kLines; ++i) {
-    const uint32_t line = warp_max(m[i]);
-    if (lane == i || i == 0) mine = line;
-  }
-  const float amax = bits_to_float(mine);
-  return {scale_from_amax(amax, f), inverse_scale_from_amax(amax, f)};
 }
 
 struct TileArgs {
@@ -429,151 +472,192 @@ struct TileArgs {
   Fp8Format format;
   int64_t batch, rows, cols;   // of x
   int64_t row_tiles, col_tiles;  // ceil(rows / block), ceil(cols / block)
+  bool x_vectors;  // x's rows are whole 16-byte chunks: x aligned, cols a multiple of them
+  bool aligned;    // x_vectors, rows and cols multiples of 8, q and qt 16-byte aligned
+  int64_t whole_rt, whole_ct;  // tiles [0, whole_rt) x [0, whole_ct) are whole (aligned)
 };
 
-// At least 4 CTAs (16-bit inputs: 32 KB tiles) or 3 (float32: 64 KB) per SM, so that some
-// CTAs stage their tile while others compute theirs.
-template <InType T, int kBlock, int kOut>
-__global__ void __launch_bounds__(kThreads, T == InType::kF32 ? 3 : 4)
-    portable_quantize_tile_kernel(TileArgs a) {
+// Quantizes the tile (b, rt, ct) into the kOut layouts. Whole tiles (kWhole: inside x, and
+// a.aligned) take no bounds checks and only vector stores; edge tiles check every line and
+// value against rows_left x cols_left, and past those the staged tile holds zeros, which
+// never raise an amax and are never written out.
+template <InType T, int kBlock, int kOut, bool kWhole>
+__device__ __forceinline__ void quantize_tile(const TileArgs& a, typename TileLayout<T, kBlock>::Chunk* tile,
+                                              uint32_t* warp_amax, int64_t b, int64_t rt,
+                                              int64_t ct) {
   using L = TileLayout<T, kBlock>;
+  using W = Words<T>;
   using Elem = typename L::Elem;
   using Chunk = typename L::Chunk;
-  using Piece = typename L::Piece;
   constexpr int kSpan = L::kSpan, kCV = L::kChunkValues;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t r0 = rt * kBlock, c0 = ct * kBlock;
+  const int rows_left = kWhole ? kBlock : static_cast<int>(std::min<int64_t>(a.rows - r0, kBlock));
+  const int cols_left = kWhole ? kBlock : static_cast<int>(std::min<int64_t>(a.cols - c0, kBlock));
+
+  // Stage the tile: cp.async where whole chunks are in bounds.
+  const Elem* x_tile = static_cast<const Elem*>(a.x) + (b * a.rows + r0) * a.cols + c0;
+  for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+    const int rr = i / L::kChunks, k = i % L::kChunks;
+    const Elem* src = x_tile + rr * a.cols + k * kCV;
+    Chunk* dst = tile + L::chunk_at(rr, k);
+    if (kWhole || (a.x_vectors && rr < rows_left && (k + 1) * kCV <= cols_left)) {
+      cp_async_16(dst, src);
+    } else {
+      Elem v[kCV];
+#pragma unroll
+      for (int t = 0; t < kCV; ++t) v[t] = rr < rows_left && k * kCV + t < cols_left ? src[t] : Elem{0};
+      memcpy(dst, v, sizeof(v));
+    }
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+
+  if constexpr ((kOut & kOutRows) != 0) {
+    // kLines rows at a time, lane i computing row i's scale (line_scales); the lane holds
+    // values [lane * kSpan, (lane + 1) * kSpan) of each.
+    constexpr int kLines = 8;
+    static_assert(kBlock % (kLines * kWarps) == 0, "whole batches of rows per warp");
+    using Piece = typename L::Piece;
+    const int k = lane * kSpan / kCV, word = lane * kSpan % kCV / W::kValues;
+    const int col = lane * kSpan;
+    uint8_t* q_tile = a.q + (b * a.rows + r0) * a.cols + c0 + col;
+    float* s_tile = a.scales + (b * a.rows + r0) * a.col_tiles + ct;
+    for (int rr0 = warp * kLines; rr0 < rows_left; rr0 += kWarps * kLines) {
+      Piece in[kLines];
+      uint32_t m[kLines];
+#pragma unroll
+      for (int i = 0; i < kLines; ++i) {
+        in[i] = *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr0 + i, k)].w + word);
+        uint32_t mw = W::magnitudes(in[i].w[0]);
+#pragma unroll
+        for (int u = 1; u < L::kPieceWords; ++u) mw = W::max(mw, W::magnitudes(in[i].w[u]));
+        m[i] = W::amax_bits(mw);
+      }
+      const LineScale ls = line_scales(m, a.format);
+      if (lane < kLines && (kWhole || rr0 + lane < rows_left)) {
+        s_tile[(rr0 + lane) * a.col_tiles] = ls.scale;
+      }
+#pragma unroll
+      for (int i = 0; i < kLines; ++i) {
+        const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
+        uint16_t out[kSpan / 2];
+#pragma unroll
+        for (int t = 0; t < kSpan / 2; ++t) {
+          out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv, a.format);
+        }
+        if (kWhole || (rr0 + i < rows_left && col < cols_left)) {
+          store_pairs<kSpan / 2, kWhole>(q_tile + (rr0 + i) * a.cols, out, cols_left - col);
+        }
+      }
+    }
+  }
+
+  if constexpr ((kOut & kOutCols) != 0) {
+    // A warp takes a chunk column k at a time: its kCV output rows, lane i computing output
+    // row i's scale (line_scales); the lane holds tile rows [lane * kSpan, (lane + 1) * kSpan)
+    // of the chunk column, output columns of each output row.
+    const int row = lane * kSpan;
+    uint8_t* qt_tile = a.qt + (b * a.cols + c0) * a.rows + r0 + row;
+    float* st_tile = a.scales_t + (b * a.cols + c0) * a.row_tiles + rt;
+    const int chunks_left = kWhole ? L::kChunks : ceil_div(cols_left, kCV);
+    for (int k = warp; k < chunks_left; k += kWarps) {
+      Chunk in[kSpan];
+#pragma unroll
+      for (int t = 0; t < kSpan; ++t) in[t] = tile[L::chunk_at(row + t, k)];
+      uint32_t m[kCV];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint32_t mw = W::magnitudes(in[0].w[u]);
+#pragma unroll
+        for (int t = 1; t < kSpan; ++t) mw = W::max(mw, W::magnitudes(in[t].w[u]));
+#pragma unroll
+        for (int h = 0; h < W::kValues; ++h) m[u * W::kValues + h] = W::amax_bits(mw, h);
+      }
+      const LineScale ls = line_scales(m, a.format);
+      if (lane < kCV && (kWhole || k * kCV + lane < cols_left)) {
+        st_tile[(k * kCV + lane) * a.row_tiles] = ls.scale;
+      }
+#pragma unroll
+      for (int j = 0; j < kCV; ++j) {
+        const int c = k * kCV + j;  // the output row, in the tile
+        const float inv = __shfl_sync(0xffffffffu, ls.inverse, j);
+        uint16_t out[kSpan / 2];
+#pragma unroll
+        for (int t = 0; t < kSpan / 2; ++t) {
+          out[t] = to_fp8x2(W::value(in[2 * t].w, j) * inv, W::value(in[2 * t + 1].w, j) * inv, a.format);
+        }
+        if (kWhole || (c < cols_left && row < rows_left)) {
+          store_pairs<kSpan / 2, kWhole>(qt_tile + c * a.rows, out, rows_left - row);
+        }
+      }
+    }
+  }
+
+  if constexpr ((kOut & kOutSquare) != 0) {
+    uint32_t mw = 0;
+    for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+      const Chunk in = tile[L::chunk_at(i / L::kChunks, i % L::kChunks)];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) mw = W::max(mw, W::magnitudes(in.w[u]));
+    }
+    uint32_t m = warp_max(W::amax_bits(mw));
+    if (lane == 0) warp_amax[warp] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = umax(m, warp_amax[w]);
+    const float amax = bits_to_float(m);
+    const float s = scale_from_amax(amax, a.format);
+    const float inv = inverse_scale_from_amax(amax, a.format);
+    if (threadIdx.x == 0) a.scales[(b * a.row_tiles + rt) * a.col_tiles + ct] = s;
+    uint8_t* q_tile = a.q + (b * a.rows + r0) * a.cols + c0;
+    for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
+      const int rr = i / L::kChunks, col = i % L::kChunks * kCV;
+      if (!kWhole && (rr >= rows_left || col >= cols_left)) continue;
+      const Chunk in = tile[L::chunk_at(rr, i % L::kChunks)];
+      uint16_t out[kCV / 2];
+#pragma unroll
+      for (int t = 0; t < kCV / 2; ++t) {
+        out[t] = to_fp8x2(W::value(in.w, 2 * t) * inv, W::value(in.w, 2 * t + 1) * inv, a.format);
+      }
+      store_pairs<kCV / 2, kWhole>(q_tile + rr * a.cols + col, out, cols_left - col);
+    }
+  }
+}
+
+// Whole tiles: a CTA per tile, (blockIdx.x, y, z) = (column tile, row tile, batch) with
+// grid-stride loops, so no division; at least 4 CTAs (16-bit inputs: 32 KB tiles) or 3
+// (float32: 64 KB) per SM. One tile per CTA at a time (a double-buffered persistent version
+// measured slower: the CTAs resident on an SM already overlap one's loads with another's
+// math). Edge tiles (the partial last tile row and column, or every tile of an unaligned
+// input) have a launch of their own, so that their bounds checks take no registers from
+// the whole tiles' kernel: edge tile e of the whole_rt x (col_tiles - whole_ct) right strip,
+// then of the bottom strip, at least 2 CTAs per SM (more registers: no spills).
+template <InType T, int kBlock, int kOut, bool kWhole>
+__global__ void __launch_bounds__(kThreads, !kWhole ? 2 : T == InType::kF32 ? 3 : 4)
+    portable_quantize_tile_kernel(TileArgs a) {
+  using Chunk = typename TileLayout<T, kBlock>::Chunk;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Chunk* const tile = reinterpret_cast<Chunk*>(smem_raw);
   __shared__ uint32_t warp_amax[kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const Elem* x = static_cast<const Elem*>(a.x);
-  // Whole chunks of a row are 16-byte aligned in global memory.
-  const bool vector_ok = a.cols % kCV == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
-  const int64_t tasks = a.batch * a.row_tiles * a.col_tiles;
-  // Copies task's tile into buf (cp.async where whole chunks are in bounds); past the edges
-  // it holds zeros, which never raise an amax and are never written out.
-  auto stage = [&](int64_t task, Chunk* buf) {
-    const int64_t b = task / (a.row_tiles * a.col_tiles);
-    const int64_t r0 = task / a.col_tiles % a.row_tiles * kBlock;
-    const int64_t c0 = task % a.col_tiles * kBlock;
-    for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
-      const int rr = i / L::kChunks, k = i % L::kChunks;
-      const int64_t r = r0 + rr, c = c0 + k * kCV;
-      const Elem* src = x + (b * a.rows + r) * a.cols + c;
-      Chunk* dst = buf + L::chunk_at(rr, k);
-      if (r < a.rows && c + kCV <= a.cols && vector_ok) {
-        cp_async_16(dst, src);
-      } else {
-        Chunk v;
-#pragma unroll
-        for (int t = 0; t < kCV; ++t) v.v[t] = (r < a.rows && c + t < a.cols) ? src[t] : Elem{0};
-        *dst = v;
-      }
-    }
-  };
-  // One tile per CTA at a time (a double-buffered persistent version measured slower: with
-  // one CTA per task, the CTAs resident on an SM already overlap loads and math).
-  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
-    __syncthreads();  // the previous task is done with `tile` and warp_amax
-    stage(task, tile);
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-    const int64_t b = task / (a.row_tiles * a.col_tiles);
-    const int64_t rt = task / a.col_tiles % a.row_tiles, ct = task % a.col_tiles;
-    const int64_t r0 = rt * kBlock, c0 = ct * kBlock;
-
-    if constexpr ((kOut & kOutRows) != 0) {
-      // kLines rows at a time, lane i computing row i's scale (line_scales).
-      constexpr int kLines = 8;
-      static_assert(kBlock % (kLines * kWarps) == 0, "whole batches of rows per warp");
-      const int k = lane * kSpan / kCV, offset = lane * kSpan % kCV;
-      const int64_t c = c0 + lane * kSpan;  // the lane's first column
-      for (int rr0 = warp * kLines; rr0 < kBlock; rr0 += kWarps * kLines) {
-        if (r0 + rr0 >= a.rows) break;  // uniform over the warp
-        Piece in[kLines];
-        uint32_t m[kLines];
-#pragma unroll
-        for (int i = 0; i < kLines; ++i) {
-          in[i] = *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr0 + i, k)].v + offset);
-          m[i] = 0;
-#pragma unroll
-          for (int t = 0; t < kSpan; ++t) m[i] = umax(m[i], abs_bits(load_input<T>(in[i].v, t)));
-        }
-        const LineScale ls = line_scales(m, a.format);
-        if (lane < kLines && r0 + rr0 + lane < a.rows) {
-          a.scales[(b * a.rows + r0 + rr0 + lane) * a.col_tiles + ct] = ls.scale;
-        }
-#pragma unroll
-        for (int i = 0; i < kLines; ++i) {
-          const int64_t r = r0 + rr0 + i;
-          if (r >= a.rows) break;  // uniform over the warp
-          const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
-          uint8_t out[kSpan];
-#pragma unroll
-          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(load_input<T>(in[i].v, t) * inv, a.format);
-          if (c < a.cols) store_bytes<kSpan>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+  const int64_t right = a.whole_rt * (a.col_tiles - a.whole_ct);  // edge tiles on the right
+  const int64_t edges = right + (a.row_tiles - a.whole_rt) * a.col_tiles;
+  for (int64_t b = blockIdx.z; b < a.batch; b += gridDim.z) {
+    if constexpr (kWhole) {
+      for (int64_t rt = blockIdx.y; rt < a.whole_rt; rt += gridDim.y) {
+        for (int64_t ct = blockIdx.x; ct < a.whole_ct; ct += gridDim.x) {
+          __syncthreads();  // the previous tile is done with `tile` and warp_amax
+          quantize_tile<T, kBlock, kOut, true>(a, tile, warp_amax, b, rt, ct);
         }
       }
-    }
-
-    if constexpr ((kOut & kOutCols) != 0) {
-      // A warp takes a chunk column k at a time: its kCV output rows, lane i computing
-      // output row i's scale (line_scales).
-      const int64_t r = r0 + lane * kSpan;  // the lane's first row = output column
-      for (int k = warp; k < L::kChunks; k += kWarps) {
-        const int64_t c_first = c0 + k * kCV;  // the chunk column's first output row
-        if (c_first >= a.cols) break;          // uniform over the warp
-        Chunk in[kSpan];
-#pragma unroll
-        for (int t = 0; t < kSpan; ++t) in[t] = tile[L::chunk_at(lane * kSpan + t, k)];
-        uint32_t m[kCV];
-#pragma unroll
-        for (int j = 0; j < kCV; ++j) {
-          m[j] = 0;
-#pragma unroll
-          for (int t = 0; t < kSpan; ++t) m[j] = umax(m[j], abs_bits(load_input<T>(in[t].v, j)));
-        }
-        const LineScale ls = line_scales(m, a.format);
-        if (lane < kCV && c_first + lane < a.cols) {
-          a.scales_t[(b * a.cols + c_first + lane) * a.row_tiles + rt] = ls.scale;
-        }
-#pragma unroll
-        for (int j = 0; j < kCV; ++j) {
-          const int64_t c = c_first + j;  // the output row
-          if (c >= a.cols) break;         // uniform over the warp
-          const float inv = __shfl_sync(0xffffffffu, ls.inverse, j);
-          uint8_t out[kSpan];
-#pragma unroll
-          for (int t = 0; t < kSpan; ++t) out[t] = to_fp8(load_input<T>(in[t].v, j) * inv, a.format);
-          if (r < a.rows) store_bytes<kSpan>(a.qt + (b * a.cols + c) * a.rows + r, out, a.rows - r);
-        }
-      }
-    }
-
-    if constexpr ((kOut & kOutSquare) != 0) {
-      uint32_t m = 0;
-      for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
-        const Chunk in = tile[L::chunk_at(i / L::kChunks, i % L::kChunks)];
-#pragma unroll
-        for (int t = 0; t < kCV; ++t) m = umax(m, abs_bits(load_input<T>(in.v, t)));
-      }
-      m = warp_max(m);
-      if (lane == 0) warp_amax[warp] = m;
-      __syncthreads();
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) m = umax(m, warp_amax[w]);
-      const float amax = bits_to_float(m);
-      const float s = scale_from_amax(amax, a.format);
-      const float inv = inverse_scale_from_amax(amax, a.format);
-      if (threadIdx.x == 0) a.scales[(b * a.row_tiles + rt) * a.col_tiles + ct] = s;
-      for (int i = threadIdx.x; i < kBlock * L::kChunks; i += kThreads) {
-        const int rr = i / L::kChunks, k = i % L::kChunks;
-        const int64_t r = r0 + rr, c = c0 + k * kCV;
-        if (r >= a.rows || c >= a.cols) continue;
-        const Chunk in = tile[L::chunk_at(rr, k)];
-        uint8_t out[kCV];
-#pragma unroll
-        for (int t = 0; t < kCV; ++t) out[t] = to_fp8(load_input<T>(in.v, t) * inv, a.format);
-        store_bytes<kCV>(a.q + (b * a.rows + r) * a.cols + c, out, a.cols - c);
+    } else {
+      for (int64_t e = blockIdx.x; e < edges; e += gridDim.x) {
+        const int64_t cols = e < right ? a.col_tiles - a.whole_ct : a.col_tiles;
+        const int64_t i = e < right ? e : e - right;
+        const int64_t rt = i / cols + (e < right ? 0 : a.whole_rt);
+        const int64_t ct = i % cols + (e < right ? a.whole_ct : 0);
+        __syncthreads();
+        quantize_tile<T, kBlock, kOut, false>(a, tile, warp_amax, b, rt, ct);
       }
     }
   }
@@ -587,32 +671,59 @@ ffi::Error launch_tile(cudaStream_t stream, ffi::DataType x_type, int64_t block,
                        const TileArgs& a, bool* launched) {
   *launched = block == 64 || block == 128;
   if (!*launched) return ffi::Error::Success();
-  const int64_t tasks = a.batch * a.row_tiles * a.col_tiles;
-  if (tasks == 0) return ffi::Error::Success();
+  const int64_t edges = a.row_tiles * a.col_tiles - a.whole_rt * a.whole_ct;
+  const unsigned batch = static_cast<unsigned>(std::min<int64_t>(a.batch, 65535));
+  if (a.batch == 0 || a.row_tiles * a.col_tiles == 0) return ffi::Error::Success();
   return dispatch_input(x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
-    auto go = [&](auto kernel, size_t smem) -> ffi::Error {
+    auto go = [&](auto kernel, size_t smem, dim3 grid) -> ffi::Error {
       if (smem > 48 * 1024) {
         FP8GEMM_RETURN_IF_ERROR(cuda_status(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
             "portable_quantize_tile_kernel smem"));
       }
-      kernel<<<grid_for(tasks), kThreads, smem, stream>>>(a);
+      kernel<<<grid, kThreads, smem, stream>>>(a);
       return launch_status("portable_quantize_tile_kernel");
     };
-    if (block == 64) {
-      return go(portable_quantize_tile_kernel<T, 64, kOut>, TileLayout<T, 64>::kSmem);
-    }
-    return go(portable_quantize_tile_kernel<T, 128, kOut>, TileLayout<T, 128>::kSmem);
+    auto both = [&](auto blk) -> ffi::Error {
+      constexpr int kBlock = decltype(blk)::value;
+      constexpr size_t kSmem = TileLayout<T, kBlock>::kSmem;
+      if (a.whole_rt > 0 && a.whole_ct > 0) {
+        const dim3 grid(static_cast<unsigned>(std::min<int64_t>(a.whole_ct, INT32_MAX)),
+                        static_cast<unsigned>(std::min<int64_t>(a.whole_rt, 65535)), batch);
+        FP8GEMM_RETURN_IF_ERROR(go(portable_quantize_tile_kernel<T, kBlock, kOut, true>, kSmem, grid));
+      }
+      if (edges == 0) return ffi::Error::Success();
+      return go(portable_quantize_tile_kernel<T, kBlock, kOut, false>, kSmem,
+                dim3(grid_for(edges), 1, batch));
+    };
+    if (block == 64) return both(std::integral_constant<int, 64>{});
+    return both(std::integral_constant<int, 128>{});
   });
 }
 
+// Inputs of at most this many tiles, edge tiles among them, run in the edge launch alone: the
+// 2 x 132 edge CTAs an H200 holds at once take them in one wave, faster than two launches.
+constexpr int64_t kOneLaunchTiles = 264;
+
 TileArgs tile_args(const QuantizeBlockOp& op, uint8_t* qt, float* scales_t) {
   const int64_t block = op.block_cols;
-  return {op.x,         op.transpose ? nullptr : op.q, op.transpose ? op.q : qt,
-          op.transpose ? nullptr : op.scales,          op.transpose ? op.scales : scales_t,
-          op.format,    op.batch, op.rows, op.cols, ceil_div(op.rows, block),
-          ceil_div(op.cols, block)};
+  TileArgs a{op.x,         op.transpose ? nullptr : op.q, op.transpose ? op.q : qt,
+             op.transpose ? nullptr : op.scales,          op.transpose ? op.scales : scales_t,
+             op.format,    op.batch, op.rows, op.cols, ceil_div(op.rows, block),
+             ceil_div(op.cols, block)};
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const int64_t chunk_values = op.x_type == ffi::DataType::F32 ? 4 : 8;
+  a.x_vectors = aligned(a.x) && a.cols % chunk_values == 0;
+  a.aligned = a.x_vectors && aligned(a.q) && aligned(a.qt) && a.rows % 8 == 0 &&
+              a.cols % 8 == 0;
+  a.whole_rt = a.aligned ? a.rows / block : 0;
+  a.whole_ct = a.aligned ? a.cols / block : 0;
+  const int64_t tiles = a.batch * a.row_tiles * a.col_tiles;
+  if (tiles <= kOneLaunchTiles && tiles != a.batch * a.whole_rt * a.whole_ct) {
+    a.whole_rt = a.whole_ct = 0;
+  }
+  return a;
 }
 
 // Whether portable_quantize_rows_kernel applies (its vector accesses need 16-byte alignment).
@@ -641,7 +752,7 @@ ffi::Error launch_quantize_block(cudaStream_t stream, const QuantizeBlockOp& op)
   return dispatch_input(op.x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
     if (rows_kernel_applies(op)) {
-      const unsigned grid = grid_for(ceil_div(a.tasks, kWarps));
+      const unsigned grid = grid_for(ceil_div(a.tasks, int64_t{kRunsPerWarp} * kWarps));
       switch (op.block_cols) {
         case 64:
           portable_quantize_rows_kernel<T, 64><<<grid, kThreads, 0, stream>>>(
