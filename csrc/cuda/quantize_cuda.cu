@@ -256,7 +256,9 @@ struct Words {
   __device__ static float value(uint32_t w, int h) {
     if constexpr (T == InType::kF32) return bits_to_float(w);
     if constexpr (T == InType::kBF16) return bits_to_float(h ? w & 0xffff0000u : w << 16);
-    if constexpr (T == InType::kF16) return f16_bits_to_float(static_cast<uint16_t>(h ? w >> 16 : w));
+    if constexpr (T == InType::kF16) {
+      return f16_bits_to_float(static_cast<uint16_t>(h ? w >> 16 : w));
+    }
   }
   // Value j of a word array.
   template <int N>
@@ -358,9 +360,12 @@ __global__ void __launch_bounds__(kThreads)
       uint16_t out[kValues / 2];
 #pragma unroll
       for (int t = 0; t < kValues / 2; ++t) {
-        out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv, format);
+        out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv,
+                          format);
       }
-      if (b0 + i < blocks) store_pairs<kValues / 2, true>(q + ((b0 + i) * 32 + lane) * kValues, out, kValues);
+      if (b0 + i < blocks) {
+        store_pairs<kValues / 2, true>(q + ((b0 + i) * 32 + lane) * kValues, out, kValues);
+      }
     }
   }
 }
@@ -482,7 +487,8 @@ struct TileArgs {
 // value against rows_left x cols_left, and past those the staged tile holds zeros, which
 // never raise an amax and are never written out.
 template <InType T, int kBlock, int kOut, bool kWhole>
-__device__ __forceinline__ void quantize_tile(const TileArgs& a, typename TileLayout<T, kBlock>::Chunk* tile,
+__device__ __forceinline__ void quantize_tile(const TileArgs& a,
+                                              typename TileLayout<T, kBlock>::Chunk* tile,
                                               uint32_t* warp_amax, int64_t b, int64_t rt,
                                               int64_t ct) {
   using L = TileLayout<T, kBlock>;
@@ -506,7 +512,9 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a, typename TileLa
     } else {
       Elem v[kCV];
 #pragma unroll
-      for (int t = 0; t < kCV; ++t) v[t] = rr < rows_left && k * kCV + t < cols_left ? src[t] : Elem{0};
+      for (int t = 0; t < kCV; ++t) {
+        v[t] = rr < rows_left && k * kCV + t < cols_left ? src[t] : Elem{0};
+      }
       memcpy(dst, v, sizeof(v));
     }
   }
@@ -544,7 +552,8 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a, typename TileLa
         uint16_t out[kSpan / 2];
 #pragma unroll
         for (int t = 0; t < kSpan / 2; ++t) {
-          out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv, a.format);
+          out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv,
+                            a.format);
         }
         if (kWhole || (rr0 + i < rows_left && col < cols_left)) {
           store_pairs<kSpan / 2, kWhole>(q_tile + (rr0 + i) * a.cols, out, cols_left - col);
@@ -585,7 +594,8 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a, typename TileLa
         uint16_t out[kSpan / 2];
 #pragma unroll
         for (int t = 0; t < kSpan / 2; ++t) {
-          out[t] = to_fp8x2(W::value(in[2 * t].w, j) * inv, W::value(in[2 * t + 1].w, j) * inv, a.format);
+          out[t] = to_fp8x2(W::value(in[2 * t].w, j) * inv, W::value(in[2 * t + 1].w, j) * inv,
+                            a.format);
         }
         if (kWhole || (c < cols_left && row < rows_left)) {
           store_pairs<kSpan / 2, kWhole>(qt_tile + c * a.rows, out, rows_left - row);
@@ -671,9 +681,9 @@ ffi::Error launch_tile(cudaStream_t stream, ffi::DataType x_type, int64_t block,
                        const TileArgs& a, bool* launched) {
   *launched = block == 64 || block == 128;
   if (!*launched) return ffi::Error::Success();
-  const int64_t edges = a.row_tiles * a.col_tiles - a.whole_rt * a.whole_ct;
-  const unsigned batch = static_cast<unsigned>(std::min<int64_t>(a.batch, 65535));
   if (a.batch == 0 || a.row_tiles * a.col_tiles == 0) return ffi::Error::Success();
+  const int64_t edges = a.row_tiles * a.col_tiles - a.whole_rt * a.whole_ct;  // per batch entry
+  const unsigned batch = static_cast<unsigned>(std::min<int64_t>(a.batch, 65535));
   return dispatch_input(x_type, [&](auto tag) -> ffi::Error {
     constexpr InType T = decltype(tag)::value;
     auto go = [&](auto kernel, size_t smem, dim3 grid) -> ffi::Error {
@@ -685,20 +695,21 @@ ffi::Error launch_tile(cudaStream_t stream, ffi::DataType x_type, int64_t block,
       kernel<<<grid, kThreads, smem, stream>>>(a);
       return launch_status("portable_quantize_tile_kernel");
     };
-    auto both = [&](auto blk) -> ffi::Error {
+    auto whole_then_edges = [&](auto blk) -> ffi::Error {
       constexpr int kBlock = decltype(blk)::value;
       constexpr size_t kSmem = TileLayout<T, kBlock>::kSmem;
       if (a.whole_rt > 0 && a.whole_ct > 0) {
         const dim3 grid(static_cast<unsigned>(std::min<int64_t>(a.whole_ct, INT32_MAX)),
                         static_cast<unsigned>(std::min<int64_t>(a.whole_rt, 65535)), batch);
-        FP8GEMM_RETURN_IF_ERROR(go(portable_quantize_tile_kernel<T, kBlock, kOut, true>, kSmem, grid));
+        FP8GEMM_RETURN_IF_ERROR(
+            go(portable_quantize_tile_kernel<T, kBlock, kOut, true>, kSmem, grid));
       }
       if (edges == 0) return ffi::Error::Success();
       return go(portable_quantize_tile_kernel<T, kBlock, kOut, false>, kSmem,
                 dim3(grid_for(edges), 1, batch));
     };
-    if (block == 64) return both(std::integral_constant<int, 64>{});
-    return both(std::integral_constant<int, 128>{});
+    if (block == 64) return whole_then_edges(std::integral_constant<int, 64>{});
+    return whole_then_edges(std::integral_constant<int, 128>{});
   });
 }
 
