@@ -270,6 +270,25 @@ struct Words {
   __device__ static uint32_t amax_bits(uint32_t m) {
     return kValues == 1 ? amax_bits(m, 0) : umax(amax_bits(m, 0), amax_bits(m, 1));
   }
+  // The amax bits of all values of a word array.
+  template <int N>
+  __device__ static uint32_t amax_bits(const uint32_t (&w)[N]) {
+    uint32_t m = magnitudes(w[0]);
+#pragma unroll
+    for (int u = 1; u < N; ++u) m = max(m, magnitudes(w[u]));
+    return amax_bits(m);
+  }
+  // The values of a word array times inv, as FP8 pairs (to_fp8x2): pair t holds values 2 t
+  // and 2 t + 1.
+  template <int N, int kPairs>
+  __device__ static void to_fp8_pairs(const uint32_t (&w)[N], float inv, Fp8Format format,
+                                      uint16_t (&out)[kPairs]) {
+    static_assert(2 * kPairs == N * kValues, "a pair for every two values");
+#pragma unroll
+    for (int t = 0; t < kPairs; ++t) {
+      out[t] = to_fp8x2(value(w, 2 * t) * inv, value(w, 2 * t + 1) * inv, format);
+    }
+  }
 };
 
 // Stores the 2 * kPairs FP8 values p (pairs from to_fp8x2) at out[0, n): one vector store
@@ -346,23 +365,14 @@ __global__ void __launch_bounds__(kThreads)
       in[i] = b0 + i < blocks ? static_cast<const In*>(x)[(b0 + i) * 32 + lane] : In{};
     }
 #pragma unroll
-    for (int i = 0; i < kLines; ++i) {
-      uint32_t mw = W::magnitudes(in[i].w[0]);
-#pragma unroll
-      for (int u = 1; u < kWords; ++u) mw = W::max(mw, W::magnitudes(in[i].w[u]));
-      m[i] = W::amax_bits(mw);
-    }
+    for (int i = 0; i < kLines; ++i) m[i] = W::amax_bits(in[i].w);
     const LineScale ls = line_scales(m, format);
     if (lane < kLines && b0 + lane < blocks) scales[b0 + lane] = ls.scale;
 #pragma unroll
     for (int i = 0; i < kLines; ++i) {
       const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
       uint16_t out[kValues / 2];
-#pragma unroll
-      for (int t = 0; t < kValues / 2; ++t) {
-        out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv,
-                          format);
-      }
+      W::to_fp8_pairs(in[i].w, inv, format, out);
       if (b0 + i < blocks) {
         store_pairs<kValues / 2, true>(q + ((b0 + i) * 32 + lane) * kValues, out, kValues);
       }
@@ -537,10 +547,7 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a,
 #pragma unroll
       for (int i = 0; i < kLines; ++i) {
         in[i] = *reinterpret_cast<const Piece*>(tile[L::chunk_at(rr0 + i, k)].w + word);
-        uint32_t mw = W::magnitudes(in[i].w[0]);
-#pragma unroll
-        for (int u = 1; u < L::kPieceWords; ++u) mw = W::max(mw, W::magnitudes(in[i].w[u]));
-        m[i] = W::amax_bits(mw);
+        m[i] = W::amax_bits(in[i].w);
       }
       const LineScale ls = line_scales(m, a.format);
       if (lane < kLines && (kWhole || rr0 + lane < rows_left)) {
@@ -550,11 +557,7 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a,
       for (int i = 0; i < kLines; ++i) {
         const float inv = __shfl_sync(0xffffffffu, ls.inverse, i);
         uint16_t out[kSpan / 2];
-#pragma unroll
-        for (int t = 0; t < kSpan / 2; ++t) {
-          out[t] = to_fp8x2(W::value(in[i].w, 2 * t) * inv, W::value(in[i].w, 2 * t + 1) * inv,
-                            a.format);
-        }
+        W::to_fp8_pairs(in[i].w, inv, a.format, out);
         if (kWhole || (rr0 + i < rows_left && col < cols_left)) {
           store_pairs<kSpan / 2, kWhole>(q_tile + (rr0 + i) * a.cols, out, cols_left - col);
         }
@@ -626,10 +629,7 @@ __device__ __forceinline__ void quantize_tile(const TileArgs& a,
       if (!kWhole && (rr >= rows_left || col >= cols_left)) continue;
       const Chunk in = tile[L::chunk_at(rr, i % L::kChunks)];
       uint16_t out[kCV / 2];
-#pragma unroll
-      for (int t = 0; t < kCV / 2; ++t) {
-        out[t] = to_fp8x2(W::value(in.w, 2 * t) * inv, W::value(in.w, 2 * t + 1) * inv, a.format);
-      }
+      W::to_fp8_pairs(in.w, inv, a.format, out);
       store_pairs<kCV / 2, kWhole>(q_tile + rr * a.cols + col, out, cols_left - col);
     }
   }
