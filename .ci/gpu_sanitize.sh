@@ -28,7 +28,7 @@ tools=("$@")
 export XLA_PYTHON_CLIENT_ALLOCATOR=platform
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 # Odd shapes, every block size and format, group sizes with zeros and sums past M: small problems.
-select="odd_shapes or block_sizes or empty or grouped or masked or quantize or fine_grained or transpose or e5m2 or sm90_tile or moe or permute"
+select="odd_shapes or block_sizes or empty or grouped or masked or quantize or fine_grained or transpose or e5m2 or sm90_tile or row_scale_tile or moe or permute"
 # Each piece: a test file and its -k expression.
 declare -A pieces=(
   [gemm]="test_gemm.py|$select"

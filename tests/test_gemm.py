@@ -170,9 +170,9 @@ def test_every_sm90_tile(rng, monkeypatch, tile, block_size):
         check_gemm(device, rng, 300, 512, 1024, "block", "nk", "bfloat16", block_size=block_size)
 
 
-# Row scales (the weight gradient's 1D1D form) run on their own tile list; 128-row tiles
-# leave 64-wide blocks to the 64-row ones (a forced shape that is not compiled is ignored).
-SM90_ROW_TILES = ["64x64", "64x128", "128x128"]
+# Row scales (the weight gradient's 1D1D form) run on their own tile list; 128- and 256-row
+# tiles leave 64-wide blocks to the 64-row ones (a forced shape not compiled is ignored).
+SM90_ROW_TILES = ["64x64", "64x128", "128x128", "256x128"]
 
 
 @pytest.mark.gpu

@@ -492,7 +492,7 @@ def test_kgrouped_accumulates_with_padded_tokens(device, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [64, 128, 256])
-@pytest.mark.parametrize("tile", ["64x64", "64x128", "128x128"])
+@pytest.mark.parametrize("tile", ["64x64", "64x128", "128x128", "256x128"])
 def test_every_sm90_row_scale_tile_kgrouped(rng, monkeypatch, tile, block_size):
     """The Hopper kernel's k-grouped walk on each row-scale tile: group edges at every
     offset inside a block, NaN tokens outside every group (zeroed in shared memory before

@@ -63,12 +63,12 @@ Tile choose_tile(int64_t rows, int64_t groups, int64_t n, bool row_scales, int b
   static constexpr Tile kLargeM[] = {{256, 128, 1.0}, {128, 192, 0.96}, {128, 128, 0.94},
                                      {128, 160, 0.91}};
   static constexpr Tile kRowSmallM[] = {{128, 128, 0}, {64, 128, 0}, {64, 64, 0}};
-  // 64x128's speed is an estimate (not measured): it runs when 128-row tiles are not
+  // 64x128's speed is an estimate (not measured): it runs when the larger tiles are not
   // compiled for the call (row scales in 64-wide blocks).
-  static constexpr Tile kRowLargeM[] = {{128, 128, 0.94}, {64, 128, 0.8}};
+  static constexpr Tile kRowLargeM[] = {{256, 128, 1.0}, {128, 128, 0.91}, {64, 128, 0.8}};
   const bool small = rows <= 128;
   const Tile* first = row_scales ? (small ? kRowSmallM : kRowLargeM) : (small ? kSmallM : kLargeM);
-  const int count = row_scales ? (small ? 3 : 2) : (small ? 6 : 4);
+  const int count = row_scales ? 3 : (small ? 6 : 4);
   Tile best{0, 0, 0};
   double best_cost = 0;
   for (const Tile* t = first; t != first + count; ++t) {

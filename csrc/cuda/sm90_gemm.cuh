@@ -495,7 +495,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           // Rows past the group's (or M's) end take its last row's scale, columns past N
           // the last column's: they are computed, never stored.
           if (!p.sa_tma) {
-#pragma unroll
+#pragma unroll 4  // eight (256 rows) would spill the producer's 40 registers
             for (int r = lane; r < BLOCK_M; r += 32) {
               const int64_t row = tc.row0 + min(r, tc.rows - 1);
               cp_async_4(&smem.sa[s][r][kb % 4],
@@ -581,9 +581,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               const bool promote = last && int64_t(kb) < sa_blocks;
               const float sb0 = smem.sb[s][0][kq], sb1 = smem.sb[s][1][kq], sb2 = smem.sb[s][2][kq];
               // Row scales of b: this thread's columns 8 j + 2 (lane % 4) + {0, 1}, read
-              // before the wgmmas so that their latency hides behind them.
-              float sb_cols[Cfg::kRowB ? BLOCK_N / 4 : 1];
-              if constexpr (Cfg::kRowB) {
+              // before the wgmmas so that their latency hides behind them. A tile of two
+              // waves has no registers left for them: it reads them in the promotion.
+              constexpr bool kPreload = Cfg::kRowB && Cfg::kWaves == 1;
+              float sb_cols[kPreload ? BLOCK_N / 4 : 1];
+              if constexpr (kPreload) {
 #pragma unroll
                 for (int c = 0; c < BLOCK_N / 4; ++c) {
                   sb_cols[c] = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
@@ -610,19 +612,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 wgmma_wait<0>();
 #pragma unroll
                 for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-                // The stage has been read. Every thread arrives: an arrive releases only its
+                // The stage has been read once the last wave's wgmmas are done, and its
+                // scales once the promotion that reads them from shared memory (row scales
+                // of a two-wave tile) is. Every thread arrives: an arrive releases only its
                 // own thread's reads of the scales (one arrive per warp after __syncwarp left
                 // racecheck reporting the producer's next writes).
-                if (sub == kSubs - 1 && w == Cfg::kWaves - 1) mbar_arrive(&smem.empty[s]);
+                const bool stage_read = sub == kSubs - 1 && w == Cfg::kWaves - 1;
+                constexpr bool kScalesInPromotion = Cfg::kRowB && !kPreload;
+                if (stage_read && !kScalesInPromotion) mbar_arrive(&smem.empty[s]);
                 if (promote && Cfg::kRowB) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                   // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
 #pragma unroll
                   for (int i = 0; i < Cfg::kAcc; ++i) {
-                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb_cols[2 * (i / 4) + i % 2];
+                    const int c = 2 * (i / 4) + i % 2;
+                    float sb;
+                    if constexpr (kPreload) {
+                      sb = sb_cols[c];
+                    } else {
+                      sb = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
+                    }
+                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb;
                     acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
                   }
-                } else if (promote) {
+                }
+                if (stage_read && kScalesInPromotion) mbar_arrive(&smem.empty[s]);
+                if (promote && !Cfg::kRowB) {
                   // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                   // column 8 * (i / 4) + 2 * (lane % 4) + i % 2; its b scale is that of
                   // the column block holding tile column 8 * (i / 4) (8-column groups never

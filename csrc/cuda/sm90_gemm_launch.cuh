@@ -151,7 +151,7 @@ ffi::Error launch(const Operands& ops, const GemmParams& params, cudaStream_t st
 // (64-wide blocks promote twice per stage; row scales read a scale per column) are left out,
 // and the host chooses among the others.
 constexpr bool tile_compiled(int block_m, int block, bool row_b) {
-  if (row_b) return block_m == 64 || (block_m == 128 && block != 64);
+  if (row_b) return block_m == 64 || block != 64;
   return !(block_m == 256 && block == 64);
 }
 
@@ -186,13 +186,13 @@ ffi::Error launch_tile(const Operands& ops, const GemmParams& params, cudaStream
 // The tile shapes compiled into the library, X(BLOCK_M, BLOCK_N, kRowB), one list per
 // BLOCK_M: sm90_tiles_<BLOCK_M>.cu instantiates its list, sm90_gemm.cu chooses among all of
 // them. Tensor and block scales run on every shape; row scales (the weight gradient) on
-// three (tile_compiled has the exceptions).
+// four (tile_compiled has the exceptions).
 #define FP8GEMM_SM90_TILES_64(X) \
   X(64, 16, false) X(64, 32, false) X(64, 64, false) X(64, 128, false) X(64, 192, false) \
   X(64, 64, true) X(64, 128, true)
 #define FP8GEMM_SM90_TILES_128(X) \
   X(128, 128, false) X(128, 160, false) X(128, 192, false) X(128, 128, true)
-#define FP8GEMM_SM90_TILES_256(X) X(256, 128, false)
+#define FP8GEMM_SM90_TILES_256(X) X(256, 128, false) X(256, 128, true)
 #define FP8GEMM_SM90_TILES(X) \
   FP8GEMM_SM90_TILES_64(X) FP8GEMM_SM90_TILES_128(X) FP8GEMM_SM90_TILES_256(X)
 
