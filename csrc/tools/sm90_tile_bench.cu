@@ -4,14 +4,19 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -cudart static -I csrc -I $(python3 -c "import jax; print(jax.ffi.include_dir())") \
 //        csrc/tools/sm90_tile_bench.cu -o sm90_tile_bench
-//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations] [row]
+//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations] [row] [cold]
 //
 // For each tile it checks sampled rows against a simple reference kernel (error relative to
 // the bf16 rounding of the result plus 1e-3 of sum |a b| * scales: the tensor cores' in-block
 // precision), then times back-to-back launches with CUDA events (e4m3, 1 x 128 / 128 x 128
 // scales, bf16 out). With `row` it runs the weight gradient's 1D1D form on the row-scale
 // tiles instead: 1 x 128 scales on both operands, float32 out (added after the last GPU run
-// of its session, 2026-11-26: compiled, not yet run). docs/PERF.md's v7 tile table comes
+// of its session, 2026-11-26: compiled, not yet run). With `cold` the launches rotate over
+// copies of the inputs (>= 256 MB in all, 5x the L2, at most 64 copies), so that each finds
+// its operands in DRAM as the JAX benchmark's rotated calls do; without it every launch
+// reads the same, L2-resident inputs. The timed launches are queued behind a ~20 ms spin
+// kernel, so that the host's launch cost (tensor maps, launch) never starves the GPU: the
+// events time the kernels and the gaps between them. docs/PERF.md's v7 tile table comes
 // from this tool; its older tables from a scratch predecessor (same kernels, same checks).
 #include <cuda_fp8.h>
 
@@ -59,6 +64,12 @@ __global__ void fill_fp8(uint8_t* p, int64_t n, uint32_t seed) {
   }
 }
 
+__global__ void spin(int64_t cycles) {
+  const int64_t start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+
 __global__ void fill_scales(float* p, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     p[i] = 0.5f + (hash(i, seed) & 0xffff) / 65536.0f;
@@ -92,21 +103,24 @@ __global__ void reference(const uint8_t* a, const uint8_t* b, const float* sa, c
 struct Bench {
   int64_t m, n, k, kb;
   int sms, iters;
-  uint8_t *a, *b;
+  uint8_t *a, *b;  // copy 0 of the inputs (the one checked)
   float *sa, *sb, *ref, *mag;
+  std::vector<uint8_t*> as, bs;  // every copy (cold: several)
+  std::vector<float*> sas, sbs;
   void* out;  // bf16, or float32 (row)
   bool row_b;
   std::vector<int> rows;
 
   template <int BM, int BN, bool ROW>
   void run() {
-    const Operands ops{a, m, b, n, Fp8Format::kE4M3, Fp8Format::kE4M3, 128};
+    Operands ops{a, m, b, n, Fp8Format::kE4M3, Fp8Format::kE4M3, 128};
     GemmParams p{};
     p.m = m, p.n = n, p.k = k, p.sa = sa, p.sb = sb, p.sa_ld = kb, p.sb_ld = kb;
     p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = ROW;
     p.sa_tma = p.sb_tma = m > 128;  // as the library asks (sm90_gemm.cu)
     CHECK_CUDA(cudaMemset(out, 0xff, m * n * (ROW ? 4 : 2)));  // poison
-    auto launch = [&] {
+    auto launch = [&](size_t copy = 0) {
+      ops.a = as[copy], ops.b = bs[copy], p.sa = sas[copy], p.sb = sbs[copy];
       ffi::Error err = launch_tile<BM, BN, ROW>(ops, p, nullptr, sms);
       if (err.failure()) std::printf("launch failed\n"), std::exit(1);
     };
@@ -136,8 +150,9 @@ struct Bench {
     cudaEvent_t t0, t1;
     cudaEventCreate(&t0);
     cudaEventCreate(&t1);
+    spin<<<1, 1>>>(int64_t(20) * 1000 * 1000 * 2);  // ~20 ms at 2 GHz
     cudaEventRecord(t0);
-    for (int i = 0; i < iters; ++i) launch();
+    for (int i = 0; i < iters; ++i) launch(i % as.size());
     cudaEventRecord(t1);
     CHECK_CUDA(cudaEventSynchronize(t1));
     float ms = 0;
@@ -152,14 +167,18 @@ struct Bench {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::printf("usage: %s M N K [\"tile tile ...\"] [iterations]\n", argv[0]);
+    std::printf("usage: %s M N K [\"tile tile ...\"] [iterations] [row] [cold]\n", argv[0]);
     return 2;
   }
   Bench bench{};
   bench.m = std::atoll(argv[1]), bench.n = std::atoll(argv[2]), bench.k = std::atoll(argv[3]);
   const std::string tiles = " " + std::string(argc > 4 ? argv[4] : "all") + " ";
   bench.iters = argc > 5 ? std::atoi(argv[5]) : 20;
-  bench.row_b = argc > 6 && std::string(argv[6]) == "row";
+  bool cold = false;
+  for (int i = 6; i < argc; ++i) {
+    bench.row_b |= std::string(argv[i]) == "row";
+    cold |= std::string(argv[i]) == "cold";
+  }
   if (bench.k % 16 != 0) return std::printf("K must be a multiple of 16\n"), 2;
   CHECK_CUDA(cudaDeviceGetAttribute(&bench.sms, cudaDevAttrMultiProcessorCount, 0));
   const int64_t m = bench.m, n = bench.n, k = bench.k, kb = ceil_div(k, int64_t(128));
@@ -174,6 +193,22 @@ int main(int argc, char** argv) {
   fill_fp8<<<1024, 256>>>(bench.b, n * k, 2);
   fill_scales<<<1024, 256>>>(bench.sa, m * kb, 3);
   fill_scales<<<1024, 256>>>(bench.sb, sb_rows * kb, 4);
+  const int64_t set_bytes = m * k + n * k + (m + sb_rows) * kb * 4;
+  const int64_t copies = cold ? std::min<int64_t>(64, ceil_div(int64_t(256) << 20, set_bytes)) : 1;
+  bench.as = {bench.a}, bench.bs = {bench.b}, bench.sas = {bench.sa}, bench.sbs = {bench.sb};
+  for (int64_t c = 1; c < copies; ++c) {
+    uint8_t *a = nullptr, *b = nullptr;
+    float *sa = nullptr, *sb = nullptr;
+    CHECK_CUDA(cudaMalloc(&a, m * k));
+    CHECK_CUDA(cudaMalloc(&b, n * k));
+    CHECK_CUDA(cudaMalloc(&sa, m * kb * 4));
+    CHECK_CUDA(cudaMalloc(&sb, sb_rows * kb * 4));
+    CHECK_CUDA(cudaMemcpy(a, bench.a, m * k, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaMemcpy(b, bench.b, n * k, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaMemcpy(sa, bench.sa, m * kb * 4, cudaMemcpyDeviceToDevice));
+    CHECK_CUDA(cudaMemcpy(sb, bench.sb, sb_rows * kb * 4, cudaMemcpyDeviceToDevice));
+    bench.as.push_back(a), bench.bs.push_back(b), bench.sas.push_back(sa), bench.sbs.push_back(sb);
+  }
   for (int64_t r : {int64_t(0), int64_t(1), int64_t(8), int64_t(63), int64_t(64), int64_t(127),
                     int64_t(128), int64_t(255), m / 2, m - 1}) {
     if (r < m && std::find(bench.rows.begin(), bench.rows.end(), int(r)) == bench.rows.end()) {
