@@ -58,8 +58,8 @@ bool compiled(const Tile& t, bool row_scales, int block) {
 // round's idle SMs against the faster wide tiles. Ties go to the earlier (larger) tile.
 // Row scales (the weight gradient) have their own, smaller list.
 Tile choose_tile(int64_t rows, int64_t groups, int64_t n, bool row_scales, int block, int sms) {
-  static constexpr Tile kSmallM[] = {{128, 128, 0}, {64, 192, 0}, {64, 128, 0}, {64, 64, 0},
-                                     {64, 32, 0},   {64, 16, 0}};
+  static constexpr Tile kSmallM[] = {{128, 192, 0}, {128, 128, 0}, {64, 192, 0}, {64, 128, 0},
+                                     {64, 64, 0},   {64, 32, 0},   {64, 16, 0}};
   static constexpr Tile kLargeM[] = {{256, 128, 1.0}, {128, 192, 0.96}, {128, 128, 0.94},
                                      {128, 160, 0.91}};
   static constexpr Tile kRowSmallM[] = {{128, 128, 0}, {64, 128, 0}, {64, 64, 0}};
@@ -68,7 +68,7 @@ Tile choose_tile(int64_t rows, int64_t groups, int64_t n, bool row_scales, int b
   static constexpr Tile kRowLargeM[] = {{256, 128, 1.0}, {128, 128, 0.91}, {64, 128, 0.8}};
   const bool small = rows <= 128;
   const Tile* first = row_scales ? (small ? kRowSmallM : kRowLargeM) : (small ? kSmallM : kLargeM);
-  const int count = row_scales ? 3 : (small ? 6 : 4);
+  const int count = row_scales ? 3 : (small ? 7 : 4);
   Tile best{0, 0, 0};
   double best_cost = 0;
   for (const Tile* t = first; t != first + count; ++t) {

@@ -16,8 +16,11 @@ namespace fp8gemm::sm90 {
 constexpr int kMaxDevices = 64;
 constexpr int kMaxSmem = 232448;  // dynamic shared memory per block on sm_90 (227 KB)
 
-// The deepest pipeline (at most 8 stages) whose shared storage fits.
-template <int BLOCK_M, int BLOCK_N, int kScaleBlock, bool kRowB, int kStages = 8>
+// The deepest pipeline (at most 16 stages, as DeepGEMM) whose shared storage fits. Only the
+// 64-row tiles go past 8 (64x16 takes 10 KB a stage): where M = 64 / 128 streams the weights
+// over a long K (64x64 at K = 7168, the narrow tiles at K = 16384) the extra stages gain
+// 6-10%, at K <= 2048 nothing (docs/PERF.md, tenth session).
+template <int BLOCK_M, int BLOCK_N, int kScaleBlock, bool kRowB, int kStages = 16>
 constexpr int max_stages() {
   if constexpr (kStages <= 2 || sizeof(SharedStorage<BLOCK_M, BLOCK_N, kStages, kScaleBlock,
                                                      kRowB>) <= kMaxSmem) {
