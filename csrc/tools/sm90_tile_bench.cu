@@ -4,7 +4,7 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -cudart static -I csrc -I $(python3 -c "import jax; print(jax.ffi.include_dir())") \
 //        csrc/tools/sm90_tile_bench.cu -o sm90_tile_bench
-//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations] [row] [cold]
+//   ./sm90_tile_bench M N K ["256x128 128x192 ..."] [iterations] [row] [cold] [tma]
 //
 // For each tile it checks sampled rows against a simple reference kernel (error relative to
 // the bf16 rounding of the result plus 1e-3 of sum |a b| * scales: the tensor cores' in-block
@@ -14,9 +14,10 @@
 // of its session, 2026-11-26: compiled, not yet run). With `cold` the launches rotate over
 // copies of the inputs (>= 256 MB in all, 5x the L2, at most 64 copies), so that each finds
 // its operands in DRAM as the JAX benchmark's rotated calls do; without it every launch
-// reads the same, L2-resident inputs. The timed launches are queued behind a ~20 ms spin
-// kernel, so that the host's launch cost (tensor maps, launch) never starves the GPU: the
-// events time the kernels and the gaps between them. docs/PERF.md's v7 tile table comes
+// reads the same, L2-resident inputs. With `tma` the row scales come by TMA at any M (the
+// library asks for it above 128 rows only). The timed launches are queued behind a ~20 ms
+// spin kernel, so that the host's launch cost (tensor maps, launch) never starves the GPU:
+// the events time the kernels and the gaps between them. docs/PERF.md's v7 tile table comes
 // from this tool; its older tables from a scratch predecessor (same kernels, same checks).
 #include <cuda_fp8.h>
 
@@ -108,7 +109,7 @@ struct Bench {
   std::vector<uint8_t*> as, bs;  // every copy (cold: several)
   std::vector<float*> sas, sbs;
   void* out;  // bf16, or float32 (row)
-  bool row_b;
+  bool row_b, scale_tma;
   std::vector<int> rows;
 
   template <int BM, int BN, bool ROW>
@@ -117,7 +118,7 @@ struct Bench {
     GemmParams p{};
     p.m = m, p.n = n, p.k = k, p.sa = sa, p.sb = sb, p.sa_ld = kb, p.sb_ld = kb;
     p.tensor_scales = false, p.out = out, p.c = nullptr, p.out_f32 = ROW;
-    p.sa_tma = p.sb_tma = m > 128;  // as the library asks (sm90_gemm.cu)
+    p.sa_tma = p.sb_tma = m > 128 || scale_tma;  // the library: m > 128 (sm90_gemm.cu)
     CHECK_CUDA(cudaMemset(out, 0xff, m * n * (ROW ? 4 : 2)));  // poison
     auto launch = [&](size_t copy = 0) {
       ops.a = as[copy], ops.b = bs[copy], p.sa = sas[copy], p.sb = sbs[copy];
@@ -167,7 +168,7 @@ struct Bench {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::printf("usage: %s M N K [\"tile tile ...\"] [iterations] [row] [cold]\n", argv[0]);
+    std::printf("usage: %s M N K [\"tile tile ...\"] [iterations] [row] [cold] [tma]\n", argv[0]);
     return 2;
   }
   Bench bench{};
@@ -178,6 +179,7 @@ int main(int argc, char** argv) {
   for (int i = 6; i < argc; ++i) {
     bench.row_b |= std::string(argv[i]) == "row";
     cold |= std::string(argv[i]) == "cold";
+    bench.scale_tma |= std::string(argv[i]) == "tma";
   }
   if (bench.k % 16 != 0) return std::printf("K must be a multiple of 16\n"), 2;
   CHECK_CUDA(cudaDeviceGetAttribute(&bench.sms, cudaDevAttrMultiProcessorCount, 0));
