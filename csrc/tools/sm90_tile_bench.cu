@@ -10,15 +10,15 @@
 // the bf16 rounding of the result plus 1e-3 of sum |a b| * scales: the tensor cores' in-block
 // precision), then times back-to-back launches with CUDA events (e4m3, 1 x 128 / 128 x 128
 // scales, bf16 out). With `row` it runs the weight gradient's 1D1D form on the row-scale
-// tiles instead: 1 x 128 scales on both operands, float32 out (added after the last GPU run
-// of its session, 2026-11-26: compiled, not yet run). With `cold` the launches rotate over
-// copies of the inputs (>= 256 MB in all, 5x the L2, at most 64 copies), so that each finds
-// its operands in DRAM as the JAX benchmark's rotated calls do; without it every launch
-// reads the same, L2-resident inputs. With `tma` the row scales come by TMA at any M (the
-// library asks for it above 128 rows only). The timed launches are queued behind a ~20 ms
-// spin kernel, so that the host's launch cost (tensor maps, launch) never starves the GPU:
-// the events time the kernels and the gaps between them. docs/PERF.md's v7 tile table comes
-// from this tool; its older tables from a scratch predecessor (same kernels, same checks).
+// tiles instead: 1 x 128 scales on both operands, float32 out. With `cold` the launches
+// rotate over copies of the inputs (>= 256 MB in all, 5x the L2, at most 64 copies), so that
+// each finds its operands in DRAM as the JAX benchmark's rotated calls do; without it every
+// launch reads the same, L2-resident inputs. With `tma` the row scales come by TMA at any M
+// (the library asks for it above 128 rows only). The timed launches are queued behind a
+// ~20 ms spin kernel, so that the host's launch cost (tensor maps, launch) never starves the
+// GPU: the events time the kernels and the gaps between them. docs/PERF.md's v7 tile table
+// comes from this tool; its older tables from a scratch predecessor (same kernels, same
+// checks).
 #include <cuda_fp8.h>
 
 #include <algorithm>
