@@ -275,7 +275,8 @@ template <int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, bool kRowB_, F
           Fp8Format FB>
 struct GemmConfig {
   static constexpr bool kRowB = kRowB_;  // b's scales per row (1D1D), not per 128 x 128 block
-  static constexpr int kBlockM = BLOCK_M, kBlockN = BLOCK_N;
+  static constexpr int kBlockM = BLOCK_M, kBlockN = BLOCK_N, kStageCount = kStages;
+  static constexpr Fp8Format kFormatA = FA, kFormatB = FB;
   // Each math warpgroup owns 64 rows per wave; a 256-row tile takes two waves of the two
   // warpgroups, so each B tile in smem feeds four 64-row wgmmas.
   static constexpr int kMathWGs = BLOCK_M >= 128 ? 2 : 1;
@@ -292,6 +293,13 @@ struct GemmConfig {
   static constexpr int kStagesPerPromotion = kWaves > 1 ? 1 : kStagesPerScale;
   static constexpr int kStepsPerSub = kBlockK / 32 / kSubs;  // wgmma k32 steps per sub-block
   static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
+  // One warpgroup, one wave, 128-wide blocks, at most 128 columns: the mainloop keeps two
+  // partial accumulators and issues stage ks + 1's wgmmas before it promotes stage ks
+  // (pipelined_mainloop), so that the tensor core never waits for the promotion and the
+  // next stage's barrier. The other tiles have no registers for a second partial sum (two
+  // waves or two warpgroups already overlap one stage's promotion with the other's wgmmas).
+  static constexpr bool kPipelined = kMathWGs == 1 && kWaves == 1 && !kRowB &&
+                                     kScaleBlock == kBlockK && BLOCK_N <= 128;
   // Where a tile starts inside a column block of b's scales (n0 % kScaleBlock) decides which
   // accumulators take which scale. It is one of kScaleBlock / gcd values; the mainloop is
   // compiled once per value so that the choice is a compile-time constant, except when it
@@ -411,6 +419,89 @@ struct PipelineState {
     if (++stage == kStages) stage = 0, phase ^= 1;
   }
 };
+
+// The mainloop of the one-warpgroup tiles (Cfg::kPipelined): stage ks's wgmmas accumulate
+// into part[ks % 2]; after issuing them, the warpgroup waits for stage ks - 1's (wgmma
+// wait_group 1), releases that stage and promotes it with the scales it read from the stage
+// before the wgmmas. So one batch is always queued behind the one being promoted. Two
+// stages at a time, so that each partial accumulator is a fixed set of registers.
+template <class Cfg, int kOffset>
+__device__ __forceinline__ void pipelined_mainloop(typename Cfg::Storage& smem,
+                                                   PipelineState<Cfg::kStageCount>& ps,
+                                                   int ks_begin, int ks_end, uint32_t a_desc0,
+                                                   uint32_t b_desc0, int row_in_wave,
+                                                   float (&acc)[Cfg::kAcc]) {
+  constexpr int kAcc = Cfg::kAcc, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  // Stage ks's scale products for this thread's rows (lo: row, hi: row + 8) and the three
+  // column blocks of b a tile can span, and the stage's slot, until its promotion.
+  struct Pending {
+    float lo[3], hi[3];
+    int slot;
+  };
+  auto issue = [&](int ks, float (&part)[kAcc], Pending& pend) {
+    const int s = ps.stage;
+    mbar_wait(&smem.full[s], ps.phase);
+    const int kq = ks % 4;  // kb = ks: blocks are a stage wide
+    const float sa0 = smem.sa[s][row_in_wave][kq], sa1 = smem.sa[s][row_in_wave + 8][kq];
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const float sb = smem.sb[s][j][kq];
+      pend.lo[j] = sa0 * sb;
+      pend.hi[j] = sa1 * sb;
+    }
+    pend.slot = s;
+    const uint32_t a_lo = a_desc0 + s * kBlockM * (kBlockK / 16);
+    const uint32_t b_lo = b_desc0 + s * kBlockN * (kBlockK / 16);
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fence_operand(part[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kBlockK / 32; ++step) {
+      const uint64_t da = kSmemDescHi | (a_lo + step * 2);
+      const uint64_t db = kSmemDescHi | (b_lo + step * 2);
+      Wgmma<kBlockN, Cfg::kFormatA, Cfg::kFormatB>::mma(da, db, part, step > 0);
+    }
+    wgmma_commit();
+    ps.advance();
+  };
+  // After the wait for its wgmmas: the stage is read (its scales are in registers).
+  auto promote = [&](float (&part)[kAcc], const Pending& pend) {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fence_operand(part[i]);
+    mbar_arrive(&smem.empty[pend.slot]);
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) {
+      // Accumulator i: row +8 when i % 4 >= 2, tile column 8 * (i / 4) + ..., whose b
+      // scale is its column block's (8-column groups never straddle a block).
+      const int blk = (kOffset + 8 * (i / 4)) / kBlockK;
+      const float scale = (i % 4) >= 2 ? pend.hi[blk] : pend.lo[blk];
+      acc[i] = fmaf(part[i], scale, acc[i]);
+    }
+  };
+  float part0[kAcc], part1[kAcc];
+  Pending pend0, pend1;
+  int ks = ks_begin;
+  if (ks >= ks_end) return;
+  issue(ks++, part0, pend0);
+  while (true) {
+    if (ks >= ks_end) {
+      wgmma_wait<0>();
+      promote(part0, pend0);
+      return;
+    }
+    issue(ks++, part1, pend1);
+    wgmma_wait<1>();
+    promote(part0, pend0);
+    if (ks >= ks_end) {
+      wgmma_wait<0>();
+      promote(part1, pend1);
+      return;
+    }
+    issue(ks++, part0, pend0);
+    wgmma_wait<1>();
+    promote(part1, pend1);
+  }
+}
 
 template <class Cfg, int BLOCK_M, int BLOCK_N, int kStages, int kScaleBlock, Fp8Format FA,
           Fp8Format FB>
@@ -559,98 +650,105 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     dispatch_offset<0, Cfg::kOffsetStep, kScaleBlock>(scale_offset, [&](auto offset) {
           constexpr int kOffset = Cfg::kOneOffset ? 0 : decltype(offset)::value;
-          for (int ks = ks_begin; ks < ks_end; ++ks, ps.advance()) {
-            const int s = ps.stage;
-            mbar_wait(&smem.full[s], ps.phase);
-            // K-grouped: the first and last stages of a range hold other groups' tokens.
-            if constexpr (Cfg::kRowB) {
-              if (p.k_sizes != nullptr && (ks == ks_begin || ks == ks_end - 1)) {
-                const auto& o = smem.origin[wg * 4 + warp];
-                zero_outside<Cfg>(smem.a[s], smem.b[s], o.k0 - int64_t(ks) * kBlockK,
-                                  o.k1 - int64_t(ks) * kBlockK, wg * kWgThreads + tid);
-              }
-            }
-#pragma unroll
-            for (int sub = 0; sub < kSubs; ++sub) {
-              const uint32_t kb = (uint32_t(ks) * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
-              const int kq = static_cast<int>(kb % 4);  // the scales' column in the stage
-              const bool first = (ks % Cfg::kStagesPerPromotion) == 0 || ks == ks_begin;
-              const bool last =
-                  (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
-                  ks == ks_end - 1;
-              const bool promote = last && int64_t(kb) < sa_blocks;
-              const float sb0 = smem.sb[s][0][kq], sb1 = smem.sb[s][1][kq], sb2 = smem.sb[s][2][kq];
-              // Row scales of b: this thread's columns 8 j + 2 (lane % 4) + {0, 1}, read
-              // before the wgmmas so that their latency hides behind them. A tile of two
-              // waves has no registers left for them: it reads them in the promotion.
-              constexpr bool kPreload = Cfg::kRowB && Cfg::kWaves == 1;
-              float sb_cols[kPreload ? BLOCK_N / 4 : 1];
-              if constexpr (kPreload) {
-#pragma unroll
-                for (int c = 0; c < BLOCK_N / 4; ++c) {
-                  sb_cols[c] = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
+          if constexpr (Cfg::kPipelined) {
+            pipelined_mainloop<Cfg, kOffset>(smem, ps, ks_begin, ks_end, a_desc0, b_desc0,
+                                             row_in_wave, acc[0]);
+          } else {
+            for (int ks = ks_begin; ks < ks_end; ++ks, ps.advance()) {
+              const int s = ps.stage;
+              mbar_wait(&smem.full[s], ps.phase);
+              // K-grouped: the first and last stages of a range hold other groups' tokens.
+              if constexpr (Cfg::kRowB) {
+                if (p.k_sizes != nullptr && (ks == ks_begin || ks == ks_end - 1)) {
+                  const auto& o = smem.origin[wg * 4 + warp];
+                  zero_outside<Cfg>(smem.a[s], smem.b[s], o.k0 - int64_t(ks) * kBlockK,
+                                    o.k1 - int64_t(ks) * kBlockK, wg * kWgThreads + tid);
                 }
               }
-#pragma unroll
-              for (int w = 0; w < Cfg::kWaves; ++w) {
-                // Every shared-memory read of the stage comes before the empty arrive below.
-                const float sa0 = smem.sa[s][w * kWaveRows + row_in_wave][kq];
-                const float sa1 = smem.sa[s][w * kWaveRows + row_in_wave + 8][kq];
-                const uint32_t a_lo = a_desc0 + (s * BLOCK_M + w * kWaveRows) * (kBlockK / 16);
-                const uint32_t b_lo = b_desc0 + s * BLOCK_N * (kBlockK / 16);
-#pragma unroll
-                for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-                wgmma_fence();
-#pragma unroll
-                for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
-                  const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
-                  const uint64_t da = kSmemDescHi | (a_lo + (k_byte >> 4));
-                  const uint64_t db = kSmemDescHi | (b_lo + (k_byte >> 4));
-                  Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
-                }
-                wgmma_commit();
-                wgmma_wait<0>();
-#pragma unroll
-                for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
-                // The stage has been read once the last wave's wgmmas are done, and its
-                // scales once the promotion that reads them from shared memory (row scales
-                // of a two-wave tile) is. Every thread arrives: an arrive releases only its
-                // own thread's reads of the scales (one arrive per warp after __syncwarp left
-                // racecheck reporting the producer's next writes).
-                const bool stage_read = sub == kSubs - 1 && w == Cfg::kWaves - 1;
-                constexpr bool kScalesInPromotion = Cfg::kRowB && !kPreload;
-                if (stage_read && !kScalesInPromotion) mbar_arrive(&smem.empty[s]);
-                if (promote && Cfg::kRowB) {
-                  // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
-                  // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
-#pragma unroll
-                  for (int i = 0; i < Cfg::kAcc; ++i) {
-                    const int c = 2 * (i / 4) + i % 2;
-                    float sb;
-                    if constexpr (kPreload) {
-                      sb = sb_cols[c];
-                    } else {
-                      sb = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
-                    }
-                    const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb;
-                    acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+  #pragma unroll
+              for (int sub = 0; sub < kSubs; ++sub) {
+                const uint32_t kb =
+                    (uint32_t(ks) * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
+                const int kq = static_cast<int>(kb % 4);  // the scales' column in the stage
+                const bool first = (ks % Cfg::kStagesPerPromotion) == 0 || ks == ks_begin;
+                const bool last =
+                    (ks % Cfg::kStagesPerPromotion) == Cfg::kStagesPerPromotion - 1 ||
+                    ks == ks_end - 1;
+                const bool promote = last && int64_t(kb) < sa_blocks;
+                const float sb0 = smem.sb[s][0][kq], sb1 = smem.sb[s][1][kq],
+                            sb2 = smem.sb[s][2][kq];
+                // Row scales of b: this thread's columns 8 j + 2 (lane % 4) + {0, 1}, read
+                // before the wgmmas so that their latency hides behind them. A tile of two
+                // waves has no registers left for them: it reads them in the promotion.
+                constexpr bool kPreload = Cfg::kRowB && Cfg::kWaves == 1;
+                float sb_cols[kPreload ? BLOCK_N / 4 : 1];
+                if constexpr (kPreload) {
+  #pragma unroll
+                  for (int c = 0; c < BLOCK_N / 4; ++c) {
+                    sb_cols[c] = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
                   }
                 }
-                if (stage_read && kScalesInPromotion) mbar_arrive(&smem.empty[s]);
-                if (promote && !Cfg::kRowB) {
-                  // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
-                  // column 8 * (i / 4) + 2 * (lane % 4) + i % 2; its b scale is that of
-                  // the column block holding tile column 8 * (i / 4) (8-column groups never
-                  // straddle a block: tiles and blocks are multiples of 16 wide).
-                  const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
-                  const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
-#pragma unroll
-                  for (int i = 0; i < Cfg::kAcc; ++i) {
-                    const int blk = (kOffset + 8 * (i / 4)) / kScaleBlock;
-                    const float scale = (i % 4) >= 2
-                                            ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
-                                            : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
-                    acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+  #pragma unroll
+                for (int w = 0; w < Cfg::kWaves; ++w) {
+                  // Every shared-memory read of the stage comes before the empty arrive below.
+                  const float sa0 = smem.sa[s][w * kWaveRows + row_in_wave][kq];
+                  const float sa1 = smem.sa[s][w * kWaveRows + row_in_wave + 8][kq];
+                  const uint32_t a_lo = a_desc0 + (s * BLOCK_M + w * kWaveRows) * (kBlockK / 16);
+                  const uint32_t b_lo = b_desc0 + s * BLOCK_N * (kBlockK / 16);
+  #pragma unroll
+                  for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+                  wgmma_fence();
+  #pragma unroll
+                  for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
+                    const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
+                    const uint64_t da = kSmemDescHi | (a_lo + (k_byte >> 4));
+                    const uint64_t db = kSmemDescHi | (b_lo + (k_byte >> 4));
+                    Wgmma<BLOCK_N, FA, FB>::mma(da, db, partial, !(first && step == 0));
+                  }
+                  wgmma_commit();
+                  wgmma_wait<0>();
+  #pragma unroll
+                  for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
+                  // The stage has been read once the last wave's wgmmas are done, and its
+                  // scales once the promotion that reads them from shared memory (row scales
+                  // of a two-wave tile) is. Every thread arrives: an arrive releases only its
+                  // own thread's reads of the scales (one arrive per warp after __syncwarp left
+                  // racecheck reporting the producer's next writes).
+                  const bool stage_read = sub == kSubs - 1 && w == Cfg::kWaves - 1;
+                  constexpr bool kScalesInPromotion = Cfg::kRowB && !kPreload;
+                  if (stage_read && !kScalesInPromotion) mbar_arrive(&smem.empty[s]);
+                  if (promote && Cfg::kRowB) {
+                    // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
+                    // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
+  #pragma unroll
+                    for (int i = 0; i < Cfg::kAcc; ++i) {
+                      const int c = 2 * (i / 4) + i % 2;
+                      float sb;
+                      if constexpr (kPreload) {
+                        sb = sb_cols[c];
+                      } else {
+                        sb = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
+                      }
+                      const float scale = ((i % 4) >= 2 ? sa1 : sa0) * sb;
+                      acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+                    }
+                  }
+                  if (stage_read && kScalesInPromotion) mbar_arrive(&smem.empty[s]);
+                  if (promote && !Cfg::kRowB) {
+                    // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
+                    // column 8 * (i / 4) + 2 * (lane % 4) + i % 2; its b scale is that of
+                    // the column block holding tile column 8 * (i / 4) (8-column groups never
+                    // straddle a block: tiles and blocks are multiples of 16 wide).
+                    const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
+                    const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
+  #pragma unroll
+                    for (int i = 0; i < Cfg::kAcc; ++i) {
+                      const int blk = (kOffset + 8 * (i / 4)) / kScaleBlock;
+                      const float scale = (i % 4) >= 2
+                                              ? (blk == 0 ? s10 : (blk == 1 ? s11 : s12))
+                                              : (blk == 0 ? s00 : (blk == 1 ? s01 : s02));
+                      acc[w][i] = fmaf(partial[i], scale, acc[w][i]);
+                    }
                   }
                 }
               }
