@@ -295,9 +295,10 @@ struct GemmConfig {
   static constexpr uint32_t kStageBytes = (BLOCK_M + BLOCK_N) * kBlockK;
   // One warpgroup, one wave, 128-wide blocks, at most 128 columns: the mainloop keeps two
   // partial accumulators and issues stage ks + 1's wgmmas before it promotes stage ks
-  // (pipelined_mainloop), so that the tensor core never waits for the promotion and the
-  // next stage's barrier. The other tiles have no registers for a second partial sum (two
-  // waves or two warpgroups already overlap one stage's promotion with the other's wgmmas).
+  // (pipelined_mainloop), so that the tensor core has a stage queued while the warpgroup
+  // promotes and waits on the next barrier. The other tiles have no registers for a second
+  // partial sum (two waves or two warpgroups already overlap one stage's promotion with
+  // the other's wgmmas).
   static constexpr bool kPipelined = kMathWGs == 1 && kWaves == 1 && !kRowB &&
                                      kScaleBlock == kBlockK && BLOCK_N <= 128;
   // Where a tile starts inside a column block of b's scales (n0 % kScaleBlock) decides which
