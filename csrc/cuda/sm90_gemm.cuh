@@ -484,6 +484,8 @@ __device__ __forceinline__ void pipelined_mainloop(typename Cfg::Storage& smem,
   int ks = ks_begin;
   if (ks >= ks_end) return;
   issue(ks++, part0, pend0);
+  // Written out twice rather than as one lambda over (cur, next): with the lambda ptxas moved
+  // the 64x64 tile's descriptors out of uniform registers (R2UR in the loop).
   while (true) {
     if (ks >= ks_end) {
       wgmma_wait<0>();
@@ -666,7 +668,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                     o.k1 - int64_t(ks) * kBlockK, wg * kWgThreads + tid);
                 }
               }
-  #pragma unroll
+#pragma unroll
               for (int sub = 0; sub < kSubs; ++sub) {
                 const uint32_t kb =
                     (uint32_t(ks) * kBlockK + sub * (kBlockK / kSubs)) / kScaleBlock;
@@ -684,22 +686,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                 constexpr bool kPreload = Cfg::kRowB && Cfg::kWaves == 1;
                 float sb_cols[kPreload ? BLOCK_N / 4 : 1];
                 if constexpr (kPreload) {
-  #pragma unroll
+#pragma unroll
                   for (int c = 0; c < BLOCK_N / 4; ++c) {
                     sb_cols[c] = smem.sb[s][8 * (c / 2) + 2 * (lane % 4) + c % 2][kq];
                   }
                 }
-  #pragma unroll
+#pragma unroll
                 for (int w = 0; w < Cfg::kWaves; ++w) {
                   // Every shared-memory read of the stage comes before the empty arrive below.
                   const float sa0 = smem.sa[s][w * kWaveRows + row_in_wave][kq];
                   const float sa1 = smem.sa[s][w * kWaveRows + row_in_wave + 8][kq];
                   const uint32_t a_lo = a_desc0 + (s * BLOCK_M + w * kWaveRows) * (kBlockK / 16);
                   const uint32_t b_lo = b_desc0 + s * BLOCK_N * (kBlockK / 16);
-  #pragma unroll
+#pragma unroll
                   for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
                   wgmma_fence();
-  #pragma unroll
+#pragma unroll
                   for (int step = 0; step < Cfg::kStepsPerSub; ++step) {
                     const int k_byte = (sub * Cfg::kStepsPerSub + step) * 32;
                     const uint64_t da = kSmemDescHi | (a_lo + (k_byte >> 4));
@@ -708,7 +710,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                   }
                   wgmma_commit();
                   wgmma_wait<0>();
-  #pragma unroll
+#pragma unroll
                   for (int i = 0; i < Cfg::kAcc; ++i) fence_operand(partial[i]);
                   // The stage has been read once the last wave's wgmmas are done, and its
                   // scales once the promotion that reads them from shared memory (row scales
@@ -721,7 +723,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                   if (promote && Cfg::kRowB) {
                     // Accumulator i of m64nN sits at row +8 when i % 4 >= 2 and at tile
                     // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 (the layout below).
-  #pragma unroll
+#pragma unroll
                     for (int i = 0; i < Cfg::kAcc; ++i) {
                       const int c = 2 * (i / 4) + i % 2;
                       float sb;
@@ -742,7 +744,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     // straddle a block: tiles and blocks are multiples of 16 wide).
                     const float s00 = sa0 * sb0, s01 = sa0 * sb1, s02 = sa0 * sb2;
                     const float s10 = sa1 * sb0, s11 = sa1 * sb1, s12 = sa1 * sb2;
-  #pragma unroll
+#pragma unroll
                     for (int i = 0; i < Cfg::kAcc; ++i) {
                       const int blk = (kOffset + 8 * (i / 4)) / kScaleBlock;
                       const float scale = (i % 4) >= 2
