@@ -4,8 +4,8 @@
 # Usage on the device machine, from the repository root (the package as in
 # .ci/gpu_tests.sh):
 #   bash .ci/gpu_bench.sh [dense|grouped|train ...]      (default: all three)
-# dense runs the DeepSeek-V3 shapes and the squares; DeepGEMM joins it when
-# third_party/deepgemm_env.sh exists (docs/PERF.md says how it gets there; never
+# dense runs the DeepSeek-V3 shapes and the squares; DeepGEMM joins dense and grouped
+# when third_party/deepgemm_env.sh exists (docs/PERF.md says how it gets there; never
 # committed). BENCH_TIMEOUT (seconds, default 280) limits each benchmark. JSON, logs and
 # the dense plot go to $OUT (or /tmp/out).
 set -uo pipefail

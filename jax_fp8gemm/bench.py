@@ -508,15 +508,35 @@ def _to_torch(x, torch):
     return torch.from_dlpack(x)
 
 
+def load_bench_kineto():
+    """deep_gemm.testing.bench_kineto (its tests' timer), or None where its layout lacks it."""
+    try:
+        from deep_gemm.testing import bench_kineto
+    except Exception:  # noqa: BLE001 - older layouts
+        return None
+    return bench_kineto
+
+
+def events_flushed(torch, call, iters=30):
+    """Median time of call() by CUDA events, the L2 flushed (a 256 MB memset) before each."""
+    flush = torch.empty(int(256e6 // 4), dtype=torch.int, device="cuda")
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 class DeepGEMM:
     def __init__(self, dg, torch, args):
         self.dg, self.torch, self.args = dg, torch, args
         self.kwargs = {"disable_ue8m0_cast": True}  # as its tests do on SM90
-        try:
-            from deep_gemm.testing import bench_kineto
-        except Exception:  # noqa: BLE001 - older layouts
-            bench_kineto = None
-        self.bench_kineto = bench_kineto
+        self.bench_kineto = load_bench_kineto()
 
     def _call(self, a, sa, b, sb, d):
         try:
@@ -556,7 +576,7 @@ class DeepGEMM:
             except Exception as e:  # noqa: BLE001
                 _log(f"  DeepGEMM bench_kineto failed ({e!r}); using CUDA events")
         if kin is None or not kin > 0:
-            kin = self._events_flushed(sets[0])
+            kin = events_flushed(torch, lambda: self._call(*sets[0]))
             res["kineto_fallback"] = "cuda events, L2 flushed before each call"
         res["kineto_s"] = kin
 
@@ -584,19 +604,6 @@ class DeepGEMM:
         torch.cuda.empty_cache()
         return res
 
-    def _events_flushed(self, s, iters=30):
-        torch = self.torch
-        flush = torch.empty(int(256e6 // 4), dtype=torch.int, device="cuda")
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-        times = []
-        for _ in range(iters):
-            flush.zero_()
-            start.record()
-            self._call(*s)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,7 +30,14 @@ def run_bench(tmp_path, *args):
 @pytest.mark.slow
 def test_bench_grouped_quick(tmp_path):
     stdout, data = run_bench(tmp_path, "grouped")
-    assert "ours/ragged-bf16" in stdout
+    assert "ours/ragged-bf16" in stdout and "ours/DeepGEMM" in stdout
+    # DeepGEMM needs a CUDA GPU: on the CPU the column is empty and the reason is recorded.
+    assert data["meta"]["deepgemm"].startswith("skipped")
+    assert all("deepgemm" not in row for row in data["rows"])
+    assert set(data["summary"]) == {"contiguous_vs_ragged_bf16", "contiguous_vs_deepgemm",
+                                    "masked_vs_deepgemm", "moe_example_vs_padded",
+                                    "deepgemm_mismatches"}
+    assert data["summary"]["deepgemm_mismatches"] == []
     kinds = {row["kind"] for row in data["rows"]}
     assert kinds == {"contiguous", "masked"}
     for row in data["rows"]:
