@@ -232,6 +232,48 @@ def test_grouped_gemm_masked_per_group_scale_x(device, rng):
         assert_gemm_close(out[g], ref, absprod)
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "masked"])
+def test_uncovered_rows_are_zeroed_in_reused_memory(device, rng, kind):
+    """Rows that no group covers come back as zeros even when the output lands on memory a
+    previous output filled: a call whose groups cover every row is freed, then a call whose
+    groups cover fewer rows takes its memory (same address: XLA's allocator reuses a freed
+    buffer of the same size; the test needs that to happen at least once in five tries)."""
+    m, groups = 96, 3
+    if kind == "contiguous":
+        x = on(device, randn(rng, (m, K)))
+        full, part = np.asarray([30, 40, 26], np.int32), np.asarray([5, 0, 20], np.int32)
+    else:
+        x = on(device, randn(rng, (groups, m, K)))
+        full, part = np.full(groups, m, np.int32), np.asarray([0, 50, 95], np.int32)
+    qx, sx = fg.quantize_fp8_fine_grained(x)
+    qw, sw, _, _ = quantize_experts(on(device, randn(rng, (groups, K, N))), "block", "kn")
+
+    def call(sizes):
+        if kind == "contiguous":
+            return fg.grouped_gemm(qx, qw, sx, sw, on(device, sizes))
+        return fg.grouped_gemm_masked(qx, on(device, sizes), qw, sx, sw)
+
+    def uncovered(sizes):  # [rows] (contiguous) or [groups, rows] (masked) mask
+        if kind == "contiguous":
+            return ~rows_in_groups(sizes, m)
+        return np.arange(m)[None, :] >= np.clip(sizes, 0, m)[:, None]
+
+    reused = 0
+    for _ in range(5):
+        first = call(full)
+        first.block_until_ready()
+        assert (np.asarray(first, np.float32) != 0).any(axis=-1).all()  # every row written
+        address = first.unsafe_buffer_pointer()
+        del first
+        out = call(part)
+        out.block_until_ready()
+        if out.unsafe_buffer_pointer() != address:
+            continue
+        reused += 1
+        assert (np.asarray(out, np.float32)[uncovered(part)] == 0).all()
+    assert reused, "the allocator never reused the freed output: nothing was checked"
+
+
 # Every tile shape of the Hopper kernel (FP8GEMM_SM90_TILES), forced through
 # JAX_FP8GEMM_SM90_TILE: groups that start inside a tile, end one row past a tile, hold a
 # single row or nothing, and (masked) run past M_max.
