@@ -3,6 +3,7 @@ expert MLP, each against a per-group loop of the float64 reference."""
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -238,6 +239,8 @@ def test_uncovered_rows_are_zeroed_in_reused_memory(device, rng, kind):
     previous output filled: a call whose groups cover every row is freed, then a call whose
     groups cover fewer rows takes its memory (same address: XLA's allocator reuses a freed
     buffer of the same size; the test needs that to happen at least once in five tries)."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform":
+        pytest.skip("one cudaMalloc per buffer (.ci/gpu_sanitize.sh): no pooled reuse to rely on")
     m, groups = 96, 3
     if kind == "contiguous":
         x = on(device, randn(rng, (m, K)))
