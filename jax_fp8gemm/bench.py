@@ -27,24 +27,27 @@
 
 FLOPs are 2*M*N*K for every implementation; rates are TFLOP/s (1e12 FLOP/s).
 
-How JAX ops are timed (device time, not Python dispatch). Per implementation and shape,
-R input sets are made, R = clamp(ceil(--l2-bytes / bytes one call moves), 2, --max-sets),
+How JAX ops are timed (device time, not Python dispatch). Per implementation and shape, R
+input sets are made, R = clamp(ceil(--l2-bytes / bytes one call moves), 2, --max-sets),
 so one round over the sets moves >= 200 MB (4x the H200's 50 MB L2) and no call finds its
-inputs in L2. One jitted program runs L rounds of the op over the R sets: the outputs of a
-round go through lax.optimization_barrier (so XLA can neither drop nor narrow a call, e.g.
-by slicing a dot) and the next round's operands come out of a barrier that also takes the
-previous round's result (so no call is CSE'd with another); the program returns one float,
-the sum of element [0, 0] of every output. Each program is compiled, run `--warmup` times,
-then timed `--repeats` times with time.perf_counter around the call and
-.block_until_ready(); the median is kept. Two programs are timed, with 1 round and with L
-rounds (L*R >= --target-calls calls, about --max-program-s seconds at most), and the time
-per call is the slope (t_L - t_1) / ((L - 1) * R): the fixed cost of a jitted call
-(dispatch, launch of the first kernel, the final wait) cancels out. The plain t_L / (L*R)
-is recorded too. Check of the harness: XLA's BF16 dot is also timed as a plain Python loop
-of single jitted calls over the same sets with block_until_ready at the end, divided by the
-number of calls; the table "harness check" prints the three side by side. For large shapes
-they agree (device-bound); for small ones the loop is dispatch-bound and slower, which is
-what the rotated programs remove.
+inputs in L2. One jitted program runs L rounds of the op over the R sets: the outputs of
+a round go through lax.optimization_barrier (so XLA can neither drop nor narrow a call,
+e.g. by slicing a dot) and the next round's operands come out of a barrier that also
+takes the previous round's result (so no call is CSE'd with another); the program returns
+one float, the sum of element [0, 0] of every output. Each program is compiled, run
+`--warmup` times and for at least `--warmup-s` seconds (so that the GPU comes to the
+timing from steady work, not from the idle gaps of compiling and checking: the grouped
+benchmark's ~20 us calls read 140-236 TFLOP/s across runs of the same code), then timed
+`--repeats` times with time.perf_counter around the call and .block_until_ready(); the
+median is kept. Two programs are timed, with 1 round and with L rounds (L*R >=
+--target-calls calls, about --max-program-s seconds at most), and the time per call is
+the slope (t_L - t_1) / ((L - 1) * R): the fixed cost of a jitted call (dispatch, launch
+of the first kernel, the final wait) cancels out. The plain t_L / (L*R) is recorded too.
+Check of the harness: XLA's BF16 dot is also timed as a plain Python loop of single
+jitted calls over the same sets with block_until_ready at the end, divided by the number
+of calls; the table "harness check" prints the three side by side. For large shapes they
+agree (device-bound); for small ones the loop is dispatch-bound and slower, which is what
+the rotated programs remove.
 
 How DeepGEMM is timed: as its own tests do (tests/test_fp8_fp4.py), with
 deep_gemm.testing.bench_kineto: the PyTorch profiler's kernel time of the GEMM kernel
@@ -293,14 +296,17 @@ def _gemm_targets(compiled):
 class Timer:
     def __init__(self, args):
         self.warmup = args.warmup
+        self.warmup_s = args.warmup_s
         self.repeats = args.repeats
         self.target_calls = args.target_calls
         self.max_program_s = args.max_program_s
         self.fixed_rounds = 2 if args.quick else None
 
     def _median(self, compiled, sets):
-        for _ in range(self.warmup):
+        start, runs = time.perf_counter(), 0
+        while runs < self.warmup or time.perf_counter() - start < self.warmup_s:
             compiled(sets).block_until_ready()
+            runs += 1
         times = []
         for _ in range(self.repeats):
             t0 = time.perf_counter()
@@ -859,7 +865,8 @@ def run_dense(args):
                 native_fp8=native, argv=sys.argv[1:], quick=args.quick,
                 method=dict(l2_bytes=args.l2_bytes, max_sets=args.max_sets,
                             target_calls=args.target_calls, max_program_s=args.max_program_s,
-                            warmup=args.warmup, repeats=args.repeats,
+                            warmup=args.warmup, warmup_s=args.warmup_s,
+                            repeats=args.repeats,
                             per_call="slope (t_L - t_1) / ((L - 1) R) of rotated programs",
                             xla_fp8="dequant pattern convert(fp8)->bf16 * scale, bf16 out; "
                                     "xla_fp8_raw: f8 x f8 -> bf16 with no scales",
@@ -1028,6 +1035,8 @@ def add_timing_args(p, *, max_sets, target_calls, max_program_s):
     p.add_argument("--max-program-s", type=float, default=max_program_s,
                    help=f"seconds the long program runs, about, at most (default {max_program_s})")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs (default 2; 1 quick)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="seconds of untimed runs at least, after --warmup (default 0.1; 0 quick)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs, the median is kept (default 7; 3 quick)")
     p.add_argument("--seed", type=int, default=0)
@@ -1048,10 +1057,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
+    if args.warmup_s is None:
+        args.warmup_s = 0.0 if args.quick else 0.1
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
-    if args.warmup < 0 or args.repeats < 1 or args.max_sets < 2:
-        parser.error("--warmup >= 0, --repeats >= 1 and --max-sets >= 2")
+    if args.warmup < 0 or args.warmup_s < 0 or args.repeats < 1 or args.max_sets < 2:
+        parser.error("--warmup >= 0, --warmup-s >= 0, --repeats >= 1 and --max-sets >= 2")
     return args.func(args)
 
 

@@ -5,11 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 import jax_fp8gemm
+from jax_fp8gemm import bench
 
 # The directory holding the jax_fp8gemm this process imported (the installed package in CI,
 # the source tree in a development build), for the subprocess to import the same one.
@@ -76,3 +79,32 @@ def test_bench_train_quick(tmp_path):
     names = [q["name"] for q in data["quantize"]]
     assert names[0].startswith("copy") and "1 x 128 both layouts" in names and len(names) == 7
     assert all(q["gbps"] > 0 for q in data["quantize"])
+
+
+def test_timer_warms_up_for_count_and_seconds_then_times_repeats():
+    """Timer._median runs the program --warmup times and until --warmup-s seconds have
+    passed (whichever is more), then times --repeats runs and keeps their median."""
+    starts = []
+
+    class Done:
+        def block_until_ready(self):
+            return self
+
+    def program(sets):
+        starts.append(time.perf_counter())
+        time.sleep(0.002)
+        return Done()
+
+    def timer(warmup, warmup_s, repeats):
+        return bench.Timer(types.SimpleNamespace(warmup=warmup, warmup_s=warmup_s,
+                                                 repeats=repeats, target_calls=1,
+                                                 max_program_s=1.0, quick=False))
+
+    starts.clear()
+    median = timer(warmup=1, warmup_s=0.05, repeats=3)._median(program, None)
+    warm = starts[:-3]
+    assert len(warm) >= 10 and starts[-3] - warm[0] >= 0.05  # seconds, not the count, ruled
+    assert 0.002 <= median < 0.05
+    starts.clear()
+    timer(warmup=4, warmup_s=0.0, repeats=2)._median(program, None)
+    assert len(starts) == 4 + 2  # the count rules when the seconds are none
